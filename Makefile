@@ -1,0 +1,40 @@
+# One entry point. `make demo` runs the whole pipeline; `make test` runs the tests.
+# Both set up .venv first (idempotent: quick when nothing changed).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+CONFIG ?= configs/airbus.yaml
+PYTEST_ARGS ?=
+
+.PHONY: setup system-deps test demo run bench clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt tools/install_detectron2.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip==25.3
+	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) tools/install_detectron2.py
+	touch $@
+
+# Debian packages the browser tests use (Chromium). Needs root; skipped with a note otherwise.
+system-deps:
+	@if command -v chromium >/dev/null 2>&1; then echo "chromium: present"; \
+	elif [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null && echo "chromium: installed"; \
+	else echo "chromium: missing and not root; the browser tests will skip (apt-get install chromium)"; fi
+
+test: setup system-deps
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: setup
+	$(PY) run_pipeline.py --config configs/demo.yaml
+
+run: setup
+	$(PY) run_pipeline.py --config $(CONFIG)
+
+bench: setup
+	for f in bench/bench_*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
+
+clean:
+	rm -rf runs/demo .pytest_cache
