@@ -71,7 +71,7 @@ def add_airbus_config(cfg: CN) -> CN:
     cfg.SYNTH.ENABLED = False
     cfg.SYNTH.N_TRAIN = 400  # training images
     cfg.SYNTH.N_TEST = 100  # test images (their truth goes to a separate CSV)
-    cfg.SYNTH.SEED = 0
+    cfg.SYNTH.SEED = 0  # same seed, same dataset
     cfg.SYNTH.EMPTY_FRACTION = 0.78  # share of ship-free images, as in train_v2
     cfg.SYNTH.IMAGE_SIZE = 768  # side of the square tiles
 
@@ -81,7 +81,7 @@ def add_airbus_config(cfg: CN) -> CN:
     # Load ImageNet weights (needs the torch hub cache or network). False: random init.
     cfg.CLASSIFIER.PRETRAINED = True
     cfg.CLASSIFIER.IMAGE_SIZE = 256  # images are resized to this square side
-    cfg.CLASSIFIER.BATCH_SIZE = 64
+    cfg.CLASSIFIER.BATCH_SIZE = 64  # images per training/prediction batch
     cfg.CLASSIFIER.EPOCHS = 4  # one-cycle epochs
     cfg.CLASSIFIER.LR = 1e-3  # one-cycle maximum learning rate
     # Handling of the ~78% ship-free images: "weights" (class-weighted loss), "sampler"
@@ -122,9 +122,9 @@ def add_airbus_config(cfg: CN) -> CN:
     cfg.MODEL.DEVICE = "auto"  # "auto": cuda when available, else cpu
     cfg.MODEL.WEIGHTS = COCO_MASK_RCNN_WEIGHTS  # "" for random init (then BN + FREEZE_AT 0)
     cfg.MODEL.ROI_HEADS.NUM_CLASSES = 1  # ship
-    cfg.DATALOADER.NUM_WORKERS = 4
-    cfg.SOLVER.IMS_PER_BATCH = 8
-    cfg.SOLVER.CHECKPOINT_PERIOD = 2000
+    cfg.DATALOADER.NUM_WORKERS = 4  # detector data-loader workers (use 0-1 on 2 cores)
+    cfg.SOLVER.IMS_PER_BATCH = 8  # images per detector iteration, all GPUs together
+    cfg.SOLVER.CHECKPOINT_PERIOD = 2000  # iterations between resumable checkpoints
     cfg.TEST.DETECTIONS_PER_IMAGE = 50  # at most 14 ships per Kaggle image
     return cfg
 
