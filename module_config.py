@@ -89,6 +89,9 @@ def add_airbus_config(cfg: CN) -> CN:
     cfg.CLASSIFIER.BALANCE = "weights"
     cfg.CLASSIFIER.TTA = True  # flip TTA at prediction time
     cfg.CLASSIFIER.NUM_WORKERS = 4  # data-loader workers
+    cfg.CLASSIFIER.MAX_ROTATE = 20.0  # training augmentation: rotation drawn from [-MAX_ROTATE, +MAX_ROTATE] deg
+    cfg.CLASSIFIER.MAX_LIGHTING = 0.2  # training augmentation: brightness/contrast change up to this
+    cfg.CLASSIFIER.SEED = 0  # seed of weights init, shuffling and augmentation (reproducible runs)
 
     # ---------------------------------------------------------------- detector
     cfg.DETECTOR = CN()
@@ -104,6 +107,19 @@ def add_airbus_config(cfg: CN) -> CN:
     # Run the validation hook (competition F2 + COCO AP) every EVAL_PERIOD iterations.
     cfg.DETECTOR.EVAL_PERIOD = 5000
     cfg.DETECTOR.VIS_IMAGES = 4  # ground-truth/prediction overlays written to TensorBoard
+    # Validate on at most this many validation images (an even spread over the split; 0: all).
+    cfg.DETECTOR.EVAL_MAX_IMAGES = 1000
+    cfg.DETECTOR.EVAL_BATCH_SIZE = 8  # images per forward pass in the validation hook
+    # Each stage's LR drops by SOLVER.GAMMA at these fractions of its iterations.
+    cfg.DETECTOR.LR_DECAY_AT = [0.75, 0.9]
+    # With MODEL.WEIGHTS "" (random init) the ResNet uses this norm instead of FrozenBN, and
+    # BACKBONE.FREEZE_AT becomes 0: "BN", "GN" or "SyncBN" (multi-GPU only).
+    cfg.DETECTOR.RANDOM_INIT_NORM = "BN"
+    # Seed of the hard-negative sample, weight init, sampling and augmentation (each rank adds
+    # its rank). -1: random.
+    cfg.DETECTOR.SEED = 0
+    cfg.DETECTOR.LOG_PERIOD = 20  # write losses/LR to the log, metrics.json, TensorBoard every N iterations
+    cfg.DETECTOR.MAX_CHECKPOINTS_KEPT = 3  # periodic checkpoints kept per stage (0: all)
 
     # ---------------------------------------------------------------- submission
     cfg.SUBMIT = CN()
@@ -122,6 +138,20 @@ def add_airbus_config(cfg: CN) -> CN:
     cfg.MODEL.DEVICE = "auto"  # "auto": cuda when available, else cpu
     cfg.MODEL.WEIGHTS = COCO_MASK_RCNN_WEIGHTS  # "" for random init (then BN + FREEZE_AT 0)
     cfg.MODEL.ROI_HEADS.NUM_CLASSES = 1  # ship
+    # Ships are ~10 to ~300 px long at 768 px (masks of 7 to ~18,500 px), often 3:1 to 5:1 and
+    # in any orientation. Anchors 16..256 on P2..P6 cover them (the smallest anchor still matches
+    # a 10 px hull, whose best anchor is kept positive by the RPN's low-quality matching); the
+    # extra aspect ratios 1:4 and 4:1 fit axis-aligned hulls. Inputs of stage sizes below 768
+    # shrink ships: at 256 px they are ~3 to ~100 px, still within the anchor range.
+    cfg.MODEL.ANCHOR_GENERATOR.SIZES = [[16], [32], [64], [128], [256]]
+    cfg.MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS = [[0.25, 0.5, 1.0, 2.0, 4.0]]
+    # At most 14 ships per image: 256 sampled RoIs per image (not 512) still hold every
+    # positive, at half the box/mask-head cost.
+    cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE = 256
+    # Ships moored side by side have overlapping boxes: keep more of them through NMS.
+    cfg.MODEL.ROI_HEADS.NMS_THRESH_TEST = 0.6
+    # The mapper builds BitMasks from the COCO RLE (ships are small: polygons gain nothing).
+    cfg.INPUT.MASK_FORMAT = "bitmask"
     cfg.DATALOADER.NUM_WORKERS = 4  # detector data-loader workers (use 0-1 on 2 cores)
     cfg.SOLVER.IMS_PER_BATCH = 8  # images per detector iteration, all GPUs together
     cfg.SOLVER.CHECKPOINT_PERIOD = 2000  # iterations between resumable checkpoints

@@ -1,0 +1,152 @@
+"""CSV -> dataset dicts at train_v2 scale: time and peak memory, against decode + pycocotools encode.
+
+Builds a CSV the size of Kaggle's train_ship_segmentations_v2.csv (231,723 rows over 192,556
+ImageIds: 42,556 ship images with 81,723 masks, 150,000 ship-free) by resampling whole images
+of the real rows in ../shared/airbus-sample/segmentations_subset.csv, then times
+``module_preprocessing.load_dataset_dicts`` (no image reads) in a fresh subprocess, which also
+reports its peak RSS. Baseline, measured in the same run: each mask decoded (the Kaggle kernel's
+``rle_decode``) and encoded with ``pycocotools.mask.encode`` (+ ``toBbox``), timed on a sample
+of ship rows and scaled to all 81,723 (``--full-baseline`` runs all of them).
+
+    .venv/bin/python bench/bench_dataset_dicts.py [--baseline-rows 4000] [--full-baseline]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+REPO = Path(__file__).resolve().parents[1]
+SUBSET_CSV = REPO.parent / "shared" / "airbus-sample" / "segmentations_subset.csv"
+TRAIN_V2_ROWS, TRAIN_V2_IMAGES, TRAIN_V2_SHIP_ROWS = 231_723, 192_556, 81_723
+
+
+def kernel_rle_decode(mask_rle, shape=(768, 768)):
+    """The Kaggle kernels' decoder (baseline): a Python loop over the runs."""
+    s = mask_rle.split()
+    starts, lengths = [np.asarray(x, dtype=int) for x in (s[0:][::2], s[1:][::2])]
+    starts -= 1
+    ends = starts + lengths
+    img = np.zeros(shape[0] * shape[1], dtype=np.uint8)
+    for lo, hi in zip(starts, ends):
+        img[lo:hi] = 1
+    return img.reshape(shape).T
+
+
+def make_train_scale_csv(source_csv: str | os.PathLike, out_csv: str | os.PathLike, n_rows: int = TRAIN_V2_ROWS,
+                         n_images: int = TRAIN_V2_IMAGES, n_ship_rows: int = TRAIN_V2_SHIP_ROWS,
+                         seed: int = 0) -> Path:
+    """Write a Kaggle-format CSV of ``n_rows`` rows over ``n_images`` ImageIds, ``n_ship_rows`` of them masks.
+
+    Ship images are drawn with replacement, whole (all their masks, which never overlap), from
+    the real images of ``source_csv``; the last one drawn is cut to hit ``n_ship_rows`` exactly.
+    New ImageIds are unique random 9-hex-digit names; rows are sorted by ImageId, as Kaggle's.
+    """
+    n_ship_images = n_images - (n_rows - n_ship_rows)
+    source = pd.read_csv(source_csv, dtype=str, keep_default_na=False)
+    ships = source[source.EncodedPixels != ""].groupby("ImageId", sort=True).EncodedPixels.apply(list).tolist()
+    rng = np.random.default_rng(seed)
+    drawn, total = [], 0
+    while len(drawn) < n_ship_images:
+        masks = ships[rng.integers(len(ships))]
+        room = n_ship_rows - total - (n_ship_images - len(drawn) - 1)  # leave one mask per image still to draw
+        masks = masks[:max(1, min(len(masks), room))]
+        drawn.append(masks)
+        total += len(masks)
+    if total != n_ship_rows:  # top up the last images with extra masks of their own source image when short
+        raise RuntimeError(f"drew {total} ship rows, wanted {n_ship_rows}; change the seed")
+    names = set()
+    while len(names) < n_images:
+        names.update(f"{v:09x}.jpg" for v in rng.integers(0, 16 ** 9, n_images - len(names)).tolist())
+    names = sorted(names)
+    order = rng.permutation(n_images)
+    ids = [names[k] for k in order]
+    rows = [(ids[k], rle) for k, masks in enumerate(drawn) for rle in masks]
+    rows += [(image_id, "") for image_id in ids[n_ship_images:]]
+    frame = pd.DataFrame(rows, columns=["ImageId", "EncodedPixels"]).sort_values("ImageId", kind="stable")
+    frame.to_csv(out_csv, index=False)
+    return Path(out_csv)
+
+
+CHILD = r"""
+import json, resource, sys, time
+sys.path.insert(0, {repo!r})
+import module_preprocessing
+from detectron2.structures import BoxMode  # the import (torch) is not part of the conversion
+rss_imports = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+start = time.perf_counter()
+dicts = module_preprocessing.load_dataset_dicts({csv!r}, {images!r}, check_images="off")
+seconds = time.perf_counter() - start
+print(json.dumps({{"seconds": seconds, "images": len(dicts), "annotations": sum(len(d["annotations"]) for d in dicts),
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "rss_after_imports_mb": rss_imports}}))
+"""
+
+
+def baseline_per_row(rles: list[str]) -> float:
+    """Seconds per ship row: kernel decode + pycocotools encode + toBbox + area + the annotation dict."""
+    from pycocotools import mask as mask_util
+
+    start = time.perf_counter()
+    for rle in rles:
+        coco = mask_util.encode(np.asfortranarray(kernel_rle_decode(rle)))
+        bbox = mask_util.toBbox(coco).tolist()
+        {"bbox": bbox, "segmentation": {"size": coco["size"], "counts": coco["counts"].decode()},
+         "area": int(mask_util.area(coco)), "category_id": 0, "iscrowd": 0}
+    return (time.perf_counter() - start) / len(rles)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--source", default=str(SUBSET_CSV), help="real rows to resample")
+    parser.add_argument("--baseline-rows", type=int, default=4000, help="ship rows timed for the baseline")
+    parser.add_argument("--full-baseline", action="store_true", help="time the baseline on all 81,723 ship rows")
+    parser.add_argument("--repeats", type=int, default=3, help="conversion runs (fresh process each); best kept")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def main(args: argparse.Namespace) -> dict:
+    if not Path(args.source).is_file():
+        print(f"skipped: {args.source} not found (the real Kaggle sample, ../shared/airbus-sample)")
+        return {}
+    with tempfile.TemporaryDirectory() as tmp:
+        csv = Path(tmp) / "train_ship_segmentations_v2.csv"
+        images = Path(tmp) / "train_v2"
+        images.mkdir()
+        start = time.perf_counter()
+        make_train_scale_csv(args.source, csv, seed=args.seed)
+        frame = pd.read_csv(csv, dtype=str, keep_default_na=False)
+        print(f"train_v2-scale CSV: {len(frame):,} rows, {frame.ImageId.nunique():,} ImageIds, "
+              f"{(frame.EncodedPixels != '').sum():,} masks, {csv.stat().st_size / 2**20:.1f} MiB "
+              f"(built in {time.perf_counter() - start:.1f} s)")
+        runs = []
+        for _ in range(args.repeats):
+            out = subprocess.run([sys.executable, "-c", CHILD.format(repo=str(REPO), csv=str(csv), images=str(images))],
+                                 capture_output=True, text=True, check=True)
+            runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        best = min(runs, key=lambda r: r["seconds"])
+        print(f"load_dataset_dicts (no image reads): {best['seconds']:.2f} s best of {args.repeats} "
+              f"({', '.join(format(r['seconds'], '.2f') for r in runs)}); {best['images']:,} dicts, "
+              f"{best['annotations']:,} annotations; peak RSS {max(r['peak_rss_mb'] for r in runs):.0f} MB "
+              f"(of which {best['rss_after_imports_mb']:.0f} MB after importing detectron2/torch)")
+        ship_rles = frame.EncodedPixels[frame.EncodedPixels != ""].tolist()
+        sample = ship_rles if args.full_baseline else ship_rles[:: max(1, len(ship_rles) // args.baseline_rows)]
+        per_row = baseline_per_row(sample)
+        baseline = per_row * len(ship_rles)
+        how = "measured on all rows" if args.full_baseline else f"{per_row * 1e6:.0f} us/row on {len(sample):,} rows x {len(ship_rles):,}"
+        print(f"baseline, kernel rle_decode + pycocotools encode per mask: {baseline:.1f} s ({how})")
+        print(f"speed-up: {baseline / best['seconds']:.0f}x  (goal >= 50x; <= 5 s; <= 2 GB peak RSS)")
+        return {"seconds": best["seconds"], "peak_rss_mb": max(r["peak_rss_mb"] for r in runs), "baseline_s": baseline}
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

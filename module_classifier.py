@@ -1,0 +1,520 @@
+"""Ship / no-ship image classifier (fastai ``vision_learner``, ResNet34) whose probability gates the detector.
+
+About 78% of Kaggle tiles hold no ship, and any predicted mask on such a tile scores 0 for it, so
+``module_submit`` sends only images with ``p_ship >= SUBMIT.CLASSIFIER_THRESHOLD`` to the detector.
+
+    cfg = get_cfg("configs/demo.yaml")
+    train_dicts, val_dicts = get_train_val_dicts(cfg)        # module_preprocessing
+    export = train_classifier(cfg, train_dicts, val_dicts)   # runs/<run>/classifier/export.pkl
+    learner = load_classifier(export)
+    p_ship = predict_p_ship(learner, image_paths, batch_size=64, tta=True)  # DataFrame ImageId, p_ship
+
+Command line:
+
+    python module_classifier.py train --config configs/demo.yaml CLASSIFIER.EPOCHS 2
+    python module_classifier.py predict --config configs/demo.yaml --images runs/demo/input/test_v2 \
+        --out runs/demo/p_ship.csv
+
+Outputs of a training run, all under ``runs/<run>/classifier/``: ``export.pkl`` (the learner,
+for :func:`load_classifier`), ``config.yaml`` (the resolved config), ``history.csv`` (per-epoch
+losses and metrics), ``val_predictions.csv`` (ImageId, has_ship, p_ship of the validation split),
+``val_thresholds.csv`` + ``val_thresholds.png`` (the precision/recall report over thresholds) and
+TensorBoard event files. The threshold itself is tuned for end-to-end F2 by ``module_submit``.
+
+Importing this module does nothing but define functions.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+from typing import Sequence
+from urllib.parse import urlparse
+
+import numpy as np
+import pandas as pd
+import torch
+import torchvision
+from fastai.callback.tensorboard import TensorBoardCallback
+from fastai.metrics import AccumMetric, ActivationType, accuracy, skm_to_fastai
+from fastai.vision.all import (
+    CategoryBlock,
+    ColReader,
+    ColSplitter,
+    CrossEntropyLossFlat,
+    DataBlock,
+    IntToFloatTensor,
+    Learner,
+    Normalize,
+    PILImage,
+    Resize,
+    ResizeMethod,
+    TransformBlock,
+    aug_transforms,
+    imagenet_stats,
+    load_learner,
+    set_seed,
+    vision_learner,
+)
+from PIL import Image
+from sklearn import metrics as skm
+from tqdm.auto import tqdm
+
+from module_config import atomic_path, get_cfg, get_run_dir, save_cfg
+
+logger = logging.getLogger(__name__)
+
+SHIP, NO_SHIP = "ship", "no_ship"
+CLASSES = [NO_SHIP, SHIP]  # fixed vocab: index 1 is the ship class
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+BAD_IMAGE_POLICIES = ("error", "skip")
+BALANCE_MODES = ("weights", "sampler", "none")
+# Flip TTA views, as tensor dims to flip on an (N, C, H, W) batch: identity, horizontal, vertical, both.
+TTA_FLIP_DIMS = [(), (3,), (2,), (2, 3)]
+# Thresholds of the validation report.
+REPORT_THRESHOLDS = np.round(np.arange(0.0, 1.0001, 0.05), 2)
+
+
+# ---------------------------------------------------------------- images
+
+
+class ReducedImageOpener:
+    """Open an image file as an RGB ``PILImage``, letting the JPEG decoder shrink it by 2, 4 or 8
+    while both sides stay >= ``size`` (a 768 px Kaggle tile decodes at 384 px for a 256 px model,
+    about 3x faster than a full decode). Other formats open at full size.
+
+    Used for training and prediction alike, so both see the same pixels. A missing file raises
+    ``FileNotFoundError`` and an unreadable one ``ValueError``, each naming the file.
+    """
+
+    def __init__(self, size: int):
+        self.size = size  # side of the square model input (px)
+
+    def __call__(self, item) -> PILImage:
+        if isinstance(item, (str, os.PathLike)):
+            return PILImage(read_image(item, self.size))
+        return PILImage.create(item)  # a PIL image, array or tensor, e.g. from learn.predict(img)
+
+
+def read_image(path: str | os.PathLike, size: int) -> Image.Image:
+    """Decode ``path`` to a loaded RGB PIL image, at reduced JPEG scale where that keeps sides >= ``size``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image {path} does not exist")
+    try:
+        with Image.open(path) as img:
+            img.draft("RGB", (size, size))  # no-op for non-JPEG files
+            return img.convert("RGB")
+    except (OSError, ValueError, SyntaxError) as exc:  # PIL's errors for truncated/corrupt/non-image files
+        raise ValueError(f"image {path} cannot be read as an image ({exc})") from None
+
+
+def list_images(folder: str | os.PathLike) -> list[Path]:
+    """The image files (``.jpg``, ``.jpeg``, ``.png``) directly in ``folder``, sorted by name."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder {folder} does not exist")
+    images = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not images:
+        raise ValueError(f"image folder {folder} holds no {'/'.join(IMAGE_SUFFIXES)} files")
+    return images
+
+
+def check_images(image_paths: Sequence[str | os.PathLike]) -> tuple[list[Path], list[Path]]:
+    """Decode every image once (JPEGs at 1/8 scale: the whole stream is still parsed, so truncated
+    files are caught); return ``(readable, unreadable)`` paths, order kept."""
+    good, bad = [], []
+    for path in tqdm(image_paths, desc="checking images", unit="img", leave=False):
+        try:
+            read_image(path, size=1)
+            good.append(Path(path))
+        except (FileNotFoundError, ValueError) as exc:
+            logger.warning("skipping %s", exc)
+            bad.append(Path(path))
+    return good, bad
+
+
+# ---------------------------------------------------------------- data and model
+
+
+def get_classifier_dir(cfg) -> Path:
+    """``runs/<run>/classifier``, created if missing."""
+    out_dir = get_run_dir(cfg) / "classifier"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return out_dir
+
+
+def get_label_frame(train_dicts: Sequence[dict], val_dicts: Sequence[dict]) -> pd.DataFrame:
+    """One row per image: ``file_name``, ``image_id``, ``label`` (ship / no_ship: any annotation or
+    none) and ``is_valid``. Raises if a split is empty, a file is missing or a class is absent."""
+    if not train_dicts or not val_dicts:
+        raise ValueError(f"the classifier needs images in both splits; got {len(train_dicts)} train "
+                         f"and {len(val_dicts)} validation dataset dicts")
+    rows = [
+        {"file_name": str(d["file_name"]), "image_id": d["image_id"],
+         "label": SHIP if d["annotations"] else NO_SHIP, "is_valid": is_valid}
+        for dicts, is_valid in ((train_dicts, False), (val_dicts, True))
+        for d in dicts
+    ]
+    frame = pd.DataFrame(rows)
+    missing = [f for f in frame["file_name"] if not Path(f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} image(s) of the dataset dicts do not exist, e.g. {missing[:3]}")
+    train_labels = set(frame.loc[~frame["is_valid"], "label"])
+    if train_labels != set(CLASSES):
+        raise ValueError(f"the training split needs both ship and ship-free images; it has only {train_labels}")
+    return frame
+
+
+def get_file_name(item) -> str:
+    """The image of a training row (``file_name`` column); anything else (a path, a PIL image) as is,
+    so that ``learn.predict("x.jpg")`` and ``dls.test_dl(paths)`` work on the exported learner."""
+    return item["file_name"] if isinstance(item, (pd.Series, dict)) else item
+
+
+def get_augmentations(cfg) -> list:
+    """Batch transforms: flips, rotation, lighting (train only, fastai applies them on the batch),
+    then ImageNet normalization (always, pretrained or not)."""
+    return [
+        *aug_transforms(do_flip=True, flip_vert=True, max_rotate=cfg.CLASSIFIER.MAX_ROTATE,
+                        max_lighting=cfg.CLASSIFIER.MAX_LIGHTING, max_zoom=1.0, max_warp=0.0),
+        Normalize.from_stats(*imagenet_stats),
+    ]
+
+
+def build_dataloaders(cfg, frame: pd.DataFrame):
+    """fastai ``DataLoaders`` over :func:`get_label_frame`'s rows, balanced per ``CLASSIFIER.BALANCE``."""
+    size = cfg.CLASSIFIER.IMAGE_SIZE
+    block = DataBlock(
+        blocks=(TransformBlock(type_tfms=ReducedImageOpener(size), batch_tfms=IntToFloatTensor),
+                CategoryBlock(vocab=CLASSES)),
+        get_x=get_file_name,
+        get_y=ColReader("label"),
+        splitter=ColSplitter("is_valid"),
+        # Squish, not crop: a ship at the border of a non-square image must stay in view.
+        item_tfms=Resize(size, method=ResizeMethod.Squish),
+        batch_tfms=get_augmentations(cfg),
+    )
+    loader_args = dict(bs=cfg.CLASSIFIER.BATCH_SIZE, num_workers=cfg.CLASSIFIER.NUM_WORKERS)
+    if cfg.CLASSIFIER.BALANCE == "sampler":
+        # Each class drawn with equal probability: weight 1 / class count (only the train rows are used).
+        counts = frame.loc[~frame["is_valid"], "label"].value_counts()
+        weights = 1.0 / frame["label"].map(counts).to_numpy(dtype=np.float64)
+        return block.weighted_dataloaders(frame, weights, **loader_args)
+    return block.dataloaders(frame, **loader_args)
+
+
+def get_loss(cfg, frame: pd.DataFrame):
+    """Cross entropy; class-weighted (inverse frequency, mean weight 1) when ``BALANCE`` is ``weights``."""
+    if cfg.CLASSIFIER.BALANCE not in BALANCE_MODES:
+        raise ValueError(f"CLASSIFIER.BALANCE {cfg.CLASSIFIER.BALANCE!r}: expected one of {BALANCE_MODES}")
+    if cfg.CLASSIFIER.BALANCE != "weights":
+        return CrossEntropyLossFlat()
+    counts = frame.loc[~frame["is_valid"], "label"].value_counts()  # both classes: get_label_frame checks
+    weights = torch.tensor([counts.sum() / (len(CLASSES) * counts[c]) for c in CLASSES], dtype=torch.float32)
+    return CrossEntropyLossFlat(weight=weights)
+
+
+def roc_auc_or_nan(targets: np.ndarray, scores: np.ndarray) -> float:
+    """ROC AUC of ``scores`` for binary ``targets``; NaN when only one class is present."""
+    if len(np.unique(targets)) < 2:
+        return float("nan")
+    return float(skm.roc_auc_score(targets, scores))
+
+
+def get_metrics() -> list:
+    """Accuracy, precision and recall of the ship class (at argmax), ROC AUC of p_ship."""
+    precision = skm_to_fastai(skm.precision_score, pos_label=1, zero_division=0)
+    recall = skm_to_fastai(skm.recall_score, pos_label=1, zero_division=0)
+    precision._name, recall._name = "precision_ship", "recall_ship"
+    # BinarySoftmax keeps the last column of the softmax over dim -1: the ship class (CLASSES[1]).
+    roc_auc = AccumMetric(roc_auc_or_nan, dim_argmax=-1, activation=ActivationType.BinarySoftmax, to_np=True,
+                          invert_arg=True, flatten=True, name="roc_auc")
+    return [accuracy, precision, recall, roc_auc]
+
+
+def get_arch(name: str, pretrained: bool):
+    """The torchvision constructor ``name``; with ``pretrained``, makes sure its ImageNet weights are
+    in the torch hub cache (downloading them if the network allows), else raises with the fix."""
+    if not name.startswith("resnet") or not hasattr(torchvision.models, name):
+        raise ValueError(f"CLASSIFIER.ARCH {name!r}: expected a torchvision ResNet, e.g. resnet18, resnet34, resnet50")
+    arch = getattr(torchvision.models, name)
+    if pretrained:
+        weights = torchvision.models.get_model_weights(name).DEFAULT
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(weights.url).path).name
+        if not cached.is_file():
+            try:
+                weights.get_state_dict(progress=True, check_hash=True)  # downloads into `cached`
+            except Exception as exc:  # no network: URLError, socket errors, hash mismatch, ...
+                raise RuntimeError(
+                    f"CLASSIFIER.PRETRAINED is True but the ImageNet weights of {name} are not in the torch "
+                    f"hub cache and cannot be downloaded ({type(exc).__name__}: {exc}). Either download "
+                    f"{weights.url} and place it at {cached} (the cache honours $TORCH_HOME; "
+                    f"`python tools/prefetch_weights.py` does this), or train from random init: "
+                    f"CLASSIFIER.PRETRAINED False."
+                ) from exc
+    return arch
+
+
+def build_learner(cfg, dls, loss_func, path: Path) -> Learner:
+    """``vision_learner`` with ``CLASSIFIER.ARCH``; outputs (export) go to ``path``."""
+    arch = get_arch(cfg.CLASSIFIER.ARCH, cfg.CLASSIFIER.PRETRAINED)
+    return vision_learner(dls, arch, normalize=False,  # get_augmentations normalizes
+                          pretrained=cfg.CLASSIFIER.PRETRAINED, loss_func=loss_func,
+                          metrics=get_metrics(), path=path)
+
+
+# ---------------------------------------------------------------- training
+
+
+class TrainingTensorBoard(TensorBoardCallback):
+    """fastai's ``TensorBoardCallback`` without its quirk of logging ``train_loss`` and the
+    hyper-parameters after validation batches too: it logs them after training batches only."""
+
+    def after_batch(self):
+        if self.training:
+            super().after_batch()
+
+
+def train_classifier(cfg, train_dicts: Sequence[dict], val_dicts: Sequence[dict]) -> Path:
+    """Train with one-cycle for ``CLASSIFIER.EPOCHS``, export the learner and write the validation
+    report. Labels: an image is ``ship`` when its dict has any annotation. Returns the export path
+    ``runs/<run>/classifier/export.pkl``."""
+    out_dir = get_classifier_dir(cfg)
+    save_cfg(cfg, out_dir)
+    frame = get_label_frame(train_dicts, val_dicts)
+    logger.info("classifier: %d train / %d val images, %.1f%% with ships; image size %d, %d epochs",
+                (~frame["is_valid"]).sum(), frame["is_valid"].sum(), 100 * (frame["label"] == SHIP).mean(),
+                cfg.CLASSIFIER.IMAGE_SIZE, cfg.CLASSIFIER.EPOCHS)
+    set_seed(cfg.CLASSIFIER.SEED, reproducible=True)
+    loss_func = get_loss(cfg, frame)
+    dls = build_dataloaders(cfg, frame)
+    learn = build_learner(cfg, dls, loss_func, out_dir)
+    lr = cfg.CLASSIFIER.LR
+    if cfg.CLASSIFIER.PRETRAINED:
+        # Satellite tiles are far from ImageNet: train the whole body, at a tenth of the head's LR.
+        learn.unfreeze()
+        lr = slice(lr / 10, lr)
+    # Passed to fit, not to the learner, so the exported learner carries no writer.
+    tensorboard = TrainingTensorBoard(log_dir=str(out_dir), trace_model=False, log_preds=False)
+    learn.fit_one_cycle(cfg.CLASSIFIER.EPOCHS, lr, cbs=[tensorboard])
+    history = get_history(learn)
+    with atomic_path(out_dir / "history.csv") as tmp:
+        history.to_csv(tmp, index=False)
+
+    export_path = out_dir / "export.pkl"
+    with atomic_path(export_path) as tmp:
+        learn.export(tmp)
+    logger.info("classifier exported to %s", export_path)
+
+    val = frame[frame["is_valid"]]
+    predictions = predict_p_ship(learn, val["file_name"].tolist(), batch_size=cfg.CLASSIFIER.BATCH_SIZE,
+                                 tta=cfg.CLASSIFIER.TTA, num_workers=cfg.CLASSIFIER.NUM_WORKERS)
+    predictions.insert(1, "has_ship", (val["label"] == SHIP).to_numpy())
+    write_validation_report(predictions, out_dir)
+    return export_path
+
+
+def get_history(learn: Learner) -> pd.DataFrame:
+    """Per-epoch ``epoch, train_loss, valid_loss, <metrics>`` from the learner's recorder."""
+    names = [n for n in learn.recorder.metric_names if n not in ("epoch", "time")]
+    history = pd.DataFrame([list(v) for v in learn.recorder.values], columns=names)
+    history.insert(0, "epoch", range(len(history)))
+    return history
+
+
+# ---------------------------------------------------------------- validation report
+
+
+def get_threshold_table(has_ship: np.ndarray, p_ship: np.ndarray,
+                        thresholds: Sequence[float] = REPORT_THRESHOLDS) -> pd.DataFrame:
+    """Gate quality per threshold: an image is sent to the detector when ``p_ship >= threshold``.
+
+    Columns: threshold, tp, fp, fn, tn (ship images kept / ship-free kept / ship images gated out /
+    ship-free gated out), precision, recall (of the ship class; precision 1 when nothing is kept),
+    kept_fraction (share of images the detector has to process).
+    """
+    has_ship = np.asarray(has_ship, dtype=bool)
+    p_ship = np.asarray(p_ship, dtype=np.float64)
+    rows = []
+    for t in thresholds:
+        kept = p_ship >= t
+        tp, fp = int((kept & has_ship).sum()), int((kept & ~has_ship).sum())
+        fn, tn = int((~kept & has_ship).sum()), int((~kept & ~has_ship).sum())
+        rows.append({"threshold": float(t), "tp": tp, "fp": fp, "fn": fn, "tn": tn,
+                     "precision": tp / (tp + fp) if tp + fp else 1.0,
+                     "recall": tp / (tp + fn) if tp + fn else 1.0,
+                     "kept_fraction": kept.mean() if len(kept) else 0.0})
+    return pd.DataFrame(rows)
+
+
+def write_validation_report(predictions: pd.DataFrame, out_dir: str | os.PathLike) -> pd.DataFrame:
+    """Write ``val_predictions.csv``, ``val_thresholds.csv`` and ``val_thresholds.png`` into
+    ``out_dir``; ``predictions`` has columns ImageId, has_ship, p_ship. Returns the threshold table."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    table = get_threshold_table(predictions["has_ship"], predictions["p_ship"])
+    auc = roc_auc_or_nan(predictions["has_ship"].to_numpy(), predictions["p_ship"].to_numpy())
+    with atomic_path(out_dir / "val_predictions.csv") as tmp:
+        predictions.to_csv(tmp, index=False)
+    with atomic_path(out_dir / "val_thresholds.csv") as tmp:
+        table.to_csv(tmp, index=False)
+
+    fig, (ax_t, ax_pr) = plt.subplots(1, 2, figsize=(11, 4.5))
+    for column in ("precision", "recall", "kept_fraction"):
+        ax_t.plot(table["threshold"], table[column], marker=".", label=column)
+    ax_t.set(xlabel="threshold on p_ship", ylim=(-0.02, 1.02), title="ship gate on the validation split")
+    ax_t.legend()
+    ax_t.grid(alpha=0.3)
+    ax_pr.plot(table["recall"], table["precision"], marker=".")
+    ax_pr.set(xlabel="recall (ship images kept)", ylabel="precision", xlim=(-0.02, 1.02), ylim=(-0.02, 1.02),
+              title=f"precision-recall, ROC AUC {auc:.3f} ({len(predictions)} images)")
+    ax_pr.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(out_dir / "val_thresholds.png") as tmp:
+        fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    logger.info("validation ROC AUC %.4f; report in %s\n%s", auc, out_dir / "val_thresholds.csv",
+                table.to_string(index=False, float_format="%.3f"))
+    return table
+
+
+# ---------------------------------------------------------------- prediction
+
+
+def load_classifier(path: str | os.PathLike) -> Learner:
+    """The learner exported by :func:`train_classifier`, on the GPU when there is one."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"classifier export {path} does not exist; train one first: "
+                                "python module_classifier.py train --config CONFIG")
+    return load_learner(path, cpu=not torch.cuda.is_available())
+
+
+def predict_p_ship(learner: Learner, image_paths: Sequence[str | os.PathLike], batch_size: int = 64,
+                   tta: bool = False, num_workers: int = 0, on_bad_image: str = "error",
+                   progress: bool = True) -> pd.DataFrame:
+    """Probability that each image holds a ship, batched through a test DataLoader.
+
+    Returns a DataFrame ``ImageId`` (file name), ``p_ship`` (float in [0, 1]) in the order of
+    ``image_paths``. ``tta`` averages the probabilities of the four flips (4x the compute).
+    ``on_bad_image``: ``"error"`` raises at the first missing/corrupt file, naming it; ``"skip"``
+    leaves missing and unreadable files out, logs them and lists them in ``result.attrs["skipped"]``
+    (when a corrupt file stops the batched pass, every image is checked and the pass is redone).
+    """
+    if on_bad_image not in BAD_IMAGE_POLICIES:
+        raise ValueError(f"on_bad_image {on_bad_image!r}: expected one of {BAD_IMAGE_POLICIES}")
+    paths = [Path(p) for p in image_paths]
+    if not paths:
+        raise ValueError("no images to classify")
+    names = pd.Series([p.name for p in paths])
+    if names.duplicated().any():
+        raise ValueError(f"image file names must be unique (they are the ImageIds); repeated: "
+                         f"{sorted(set(names[names.duplicated()]))[:5]}")
+    skipped = [p for p in paths if not p.is_file()]
+    if skipped and on_bad_image == "error":
+        raise FileNotFoundError(f"{len(skipped)} image(s) do not exist, e.g. {[str(p) for p in skipped[:3]]}")
+    paths = [p for p in paths if p.is_file()]
+    p_ship = np.empty(0, dtype=np.float32)
+    try:
+        if paths:
+            p_ship = _predict_batches(learner, paths, batch_size, tta, num_workers, progress)
+    except (ValueError, FileNotFoundError) as exc:  # an unreadable image (re-raised by a worker or not)
+        if on_bad_image == "error":
+            raise
+        # Only now pay for a check of every image: the usual all-readable case decodes each once.
+        logger.warning("an image could not be read, checking all %d: %s", len(paths), str(exc).splitlines()[-1])
+        paths, unreadable = check_images(paths)
+        skipped += unreadable
+        if paths:
+            p_ship = _predict_batches(learner, paths, batch_size, tta, num_workers, progress)
+    if skipped:
+        logger.warning("skipped %d unreadable image(s): %s", len(skipped), [str(p) for p in skipped])
+    result = pd.DataFrame({"ImageId": [p.name for p in paths], "p_ship": p_ship})
+    result.attrs["skipped"] = [str(p) for p in skipped]
+    return result
+
+
+def _predict_batches(learner: Learner, paths: list[Path], batch_size: int, tta: bool, num_workers: int,
+                     progress: bool) -> np.ndarray:
+    ship = list(learner.dls.vocab).index(SHIP)
+    dl = learner.dls.test_dl([str(p) for p in paths], bs=batch_size,
+                             num_workers=num_workers, shuffle=False, drop_last=False)
+    model = learner.model.eval()
+    device = next(model.parameters()).device
+    views = TTA_FLIP_DIMS if tta else TTA_FLIP_DIMS[:1]
+    out = []
+    with torch.inference_mode(), tqdm(total=len(paths), desc="p_ship", unit="img", disable=not progress) as bar:
+        for (batch,) in dl:
+            # Plain tensor: fastai's TensorImage dispatch costs time on every layer.
+            batch = batch.as_subclass(torch.Tensor).to(device)
+            probs = sum(torch.softmax(model(batch.flip(dims) if dims else batch), dim=1)[:, ship] for dims in views)
+            out.append((probs / len(views)).float().cpu())
+            bar.update(len(batch))
+    return torch.cat(out).clamp_(0.0, 1.0).numpy()
+
+
+def write_predictions(predictions: pd.DataFrame, out: str | os.PathLike) -> Path:
+    """Write ``ImageId,p_ship`` to ``out`` atomically."""
+    out = Path(out)
+    with atomic_path(out) as tmp:
+        predictions[["ImageId", "p_ship"]].to_csv(tmp, index=False, float_format="%.6f")
+    return out
+
+
+# ---------------------------------------------------------------- command line
+
+
+def parse_overrides(opts: Sequence[str]) -> list[str]:
+    """``["A.B=1", "C.D", "2"]`` -> ``["A.B", "1", "C.D", "2"]`` (both KEY=VALUE and KEY VALUE)."""
+    flat = []
+    for token in opts:
+        key, sep, value = token.partition("=")
+        flat.extend([key, value] if sep and key.replace(".", "").replace("_", "").isalnum() else [token])
+    return flat
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Ship / no-ship classifier: train, or predict p_ship for a folder.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    train = commands.add_parser("train", help="train on the config's data, export runs/<run>/classifier/export.pkl")
+    predict = commands.add_parser("predict", help="write ImageId,p_ship for every image in a folder")
+    for sub in (train, predict):
+        sub.add_argument("--config", required=True, help="YAML config, e.g. configs/demo.yaml")
+        sub.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY=VALUE or KEY VALUE")
+    predict.add_argument("--images", required=True, help="folder of images")
+    predict.add_argument("--out", required=True, help="CSV to write (ImageId,p_ship)")
+    predict.add_argument("--model", default=None, help="exported learner (default runs/<run>/classifier/export.pkl)")
+    predict.add_argument("--tta", default=None, action=argparse.BooleanOptionalAction,
+                         help="flip TTA (default CLASSIFIER.TTA)")
+    predict.add_argument("--on-bad-image", choices=BAD_IMAGE_POLICIES, default="error",
+                         help="missing/corrupt image: stop naming it, or skip and list it")
+    return parser
+
+
+def main(args: argparse.Namespace) -> Path:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    cfg = get_cfg(args.config, parse_overrides(args.opts))
+    if args.command == "train":
+        from module_preprocessing import get_train_val_dicts
+        train_dicts, val_dicts = get_train_val_dicts(cfg)
+        return train_classifier(cfg, train_dicts, val_dicts)
+    images = list_images(args.images)
+    learner = load_classifier(args.model or get_classifier_dir(cfg) / "export.pkl")
+    tta = cfg.CLASSIFIER.TTA if args.tta is None else args.tta
+    predictions = predict_p_ship(learner, images, batch_size=cfg.CLASSIFIER.BATCH_SIZE, tta=tta,
+                                 num_workers=cfg.CLASSIFIER.NUM_WORKERS, on_bad_image=args.on_bad_image)
+    out = write_predictions(predictions, args.out)
+    logger.info("wrote p_ship of %d images to %s", len(predictions), out)
+    if predictions.attrs["skipped"]:
+        logger.warning("%d image(s) skipped: %s", len(predictions.attrs["skipped"]), predictions.attrs["skipped"])
+    return out
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

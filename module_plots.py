@@ -1,0 +1,230 @@
+"""Pictures for the driver notebook: data overview, ground-truth overlays, split, training curves.
+
+Every function returns a ``matplotlib.figure.Figure`` built without pyplot, so nothing depends on
+the active backend or leaks open figures: a notebook cell that ends with the call displays it
+(``%matplotlib inline`` registers the formatter), a script can ``fig.savefig(path)``.
+
+Masks here come from the dataset dicts' ``segmentation`` (COCO compressed RLE, decoded by
+pycocotools to ``(H, W)`` uint8 0/1 in image pixel order: row, column). Kaggle RLE strings are
+never decoded here; module_preprocessing is their one home.
+
+Importing this module does nothing but define functions.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+SHIP_COLOUR = np.array([1.0, 0.15, 0.1])  # fill of ground-truth masks
+OUTLINE_COLOUR = np.array([0.1, 1.0, 0.1])
+
+
+def get_ship_table(dicts: Sequence[dict]) -> pd.DataFrame:
+    """One row per ship: ``image_id``, ``area`` (px, from the COCO RLE), ``n_ships`` of its image.
+
+    Ship-free images contribute no row; use :func:`get_image_table` for per-image counts.
+    """
+    from pycocotools import mask as mask_util
+
+    rows = []
+    for record in dicts:
+        anns = record["annotations"]
+        for ann in anns:
+            rows.append({"image_id": record["image_id"], "area": float(mask_util.area(ann["segmentation"])),
+                         "n_ships": len(anns)})
+    return pd.DataFrame(rows, columns=["image_id", "area", "n_ships"])
+
+
+def get_image_table(dicts: Sequence[dict]) -> pd.DataFrame:
+    """One row per image: ``image_id``, ``n_ships``, ``height``, ``width``."""
+    return pd.DataFrame(
+        [{"image_id": r["image_id"], "n_ships": len(r["annotations"]), "height": r["height"], "width": r["width"]}
+         for r in dicts],
+        columns=["image_id", "n_ships", "height", "width"],
+    )
+
+
+def summarize_dataset(dicts: Sequence[dict]) -> pd.DataFrame:
+    """A one-column table of counts: images, ship-free share, ships, ships per image, mask areas."""
+    images, ships = get_image_table(dicts), get_ship_table(dicts)
+    empty = int((images["n_ships"] == 0).sum())
+    stats = {
+        "images": len(images),
+        "ship-free images": empty,
+        "ship-free fraction": round(empty / max(len(images), 1), 3),
+        "ships": len(ships),
+        "max ships in one image": int(images["n_ships"].max()) if len(images) else 0,
+        "median ship area (px)": float(ships["area"].median()) if len(ships) else float("nan"),
+        "smallest ship (px)": float(ships["area"].min()) if len(ships) else float("nan"),
+        "largest ship (px)": float(ships["area"].max()) if len(ships) else float("nan"),
+        "image size (px)": ", ".join(sorted({f"{h}x{w}" for h, w in zip(images["height"], images["width"])})),
+    }
+    return pd.Series(stats, name="value").to_frame()
+
+
+def plot_data_overview(dicts: Sequence[dict], title: str = "training data") -> Figure:
+    """Ships per image (the ship-free bar annotated with its share) and the ship-size histogram."""
+    images, ships = get_image_table(dicts), get_ship_table(dicts)
+    fig = Figure(figsize=(12, 3.8), layout="constrained")
+    count_ax, size_ax = fig.subplots(1, 2)
+    counts = images["n_ships"].value_counts().sort_index()
+    bars = count_ax.bar(counts.index, counts.values, color=["tab:gray"] + ["tab:blue"] * (len(counts) - 1)
+                        if len(counts) and counts.index[0] == 0 else "tab:blue")
+    if 0 in counts.index:
+        share = counts[0] / len(images)
+        count_ax.annotate(f"ship-free: {share:.0%}", (0, counts[0]), ha="left", va="bottom",
+                          xytext=(6, 2), textcoords="offset points")
+    count_ax.set(xlabel="ships in the image", ylabel="images", title=f"{title}: {len(images)} images")
+    count_ax.bar_label(bars, fontsize=7)
+    if len(ships):
+        areas = ships["area"].to_numpy()
+        edges = np.logspace(np.log10(max(areas.min(), 1)), np.log10(areas.max() + 1), 30)
+        size_ax.hist(areas, bins=edges, color="tab:blue")
+        size_ax.set_xscale("log")
+        size_ax.axvline(float(np.median(areas)), color="tab:red", linestyle="--",
+                        label=f"median {np.median(areas):.0f} px")
+        size_ax.legend()
+    size_ax.set(xlabel="ship area (px, log scale)", ylabel="ships", title=f"ship sizes: {len(ships)} ships")
+    return fig
+
+
+def _read_rgb(path: str | os.PathLike) -> np.ndarray:
+    """``(H, W, 3)`` uint8 RGB."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def overlay_masks(image: np.ndarray, masks: Sequence[np.ndarray], alpha: float = 0.45) -> np.ndarray:
+    """``image`` ``(H, W, 3)`` uint8 with each ``(H, W)`` 0/1 mask filled red and outlined green.
+
+    Returns ``(H, W, 3)`` float32 in [0, 1].
+    """
+    from skimage.segmentation import find_boundaries
+
+    canvas = image.astype(np.float32) / 255.0
+    for mask in masks:
+        mask = np.asarray(mask, dtype=bool)
+        if mask.shape != canvas.shape[:2]:
+            raise ValueError(f"mask shape {mask.shape} does not match the image {canvas.shape[:2]}")
+        canvas[mask] = (1 - alpha) * canvas[mask] + alpha * SHIP_COLOUR
+        canvas[find_boundaries(mask, mode="inner")] = OUTLINE_COLOUR
+    return canvas
+
+
+def plot_ground_truth(dicts: Sequence[dict], count: int = 8, seed: int = 0, columns: int = 4) -> Figure:
+    """Ground-truth overlays of ``count`` images, ships-first (up to one in four ship-free), seeded."""
+    from pycocotools import mask as mask_util
+
+    rng = np.random.default_rng(seed)
+    ship = [r for r in dicts if r["annotations"]]
+    free = [r for r in dicts if not r["annotations"]]
+    n_free = min(len(free), count // 4 if ship else count)
+    n_ship = min(len(ship), count - n_free)
+    chosen = [ship[k] for k in sorted(rng.choice(len(ship), n_ship, replace=False))] if n_ship else []
+    chosen += [free[k] for k in sorted(rng.choice(len(free), n_free, replace=False))] if n_free else []
+    columns = max(1, min(columns, len(chosen)))
+    rows = max(1, math.ceil(len(chosen) / columns))
+    fig = Figure(figsize=(3.2 * columns, 3.4 * rows), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(rows, columns, squeeze=False)).ravel()
+    for ax in axes:
+        ax.axis("off")
+    for ax, record in zip(axes, chosen):
+        masks = [mask_util.decode(a["segmentation"]) for a in record["annotations"]]
+        ax.imshow(overlay_masks(_read_rgb(record["file_name"]), masks))
+        ax.set_title(f"{record['image_id']}: {len(masks)} ships", fontsize=9)
+    fig.suptitle("ground truth (red fill, green outline)")
+    return fig
+
+
+def plot_split(train_dicts: Sequence[dict], val_dicts: Sequence[dict]) -> Figure:
+    """Ships-per-image distribution of the two splits side by side (the split is stratified on it)."""
+    fig = Figure(figsize=(8, 3.4), layout="constrained")
+    ax = fig.subplots()
+    train = get_image_table(train_dicts)["n_ships"].value_counts(normalize=True).sort_index()
+    val = get_image_table(val_dicts)["n_ships"].value_counts(normalize=True).sort_index()
+    index = sorted(set(train.index) | set(val.index))
+    x = np.arange(len(index))
+    ax.bar(x - 0.2, train.reindex(index, fill_value=0), 0.4, label=f"train ({len(train_dicts)} images)")
+    ax.bar(x + 0.2, val.reindex(index, fill_value=0), 0.4, label=f"validation ({len(val_dicts)} images)")
+    ax.set_xticks(x, [str(i) for i in index])
+    ax.set(xlabel="ships in the image", ylabel="share of images", title="train / validation split")
+    ax.legend()
+    return fig
+
+
+def plot_history(history: pd.DataFrame, x: str = "epoch", title: str = "training") -> Figure:
+    """Line plots of every numeric column of ``history`` against ``x``: losses left, metrics right."""
+    numeric = [c for c in history.columns if c != x and pd.api.types.is_numeric_dtype(history[c])]
+    losses = [c for c in numeric if "loss" in c]
+    metrics = [c for c in numeric if c not in losses]
+    fig = Figure(figsize=(12, 3.6), layout="constrained")
+    loss_ax, metric_ax = fig.subplots(1, 2)
+    for column in losses:
+        loss_ax.plot(history[x], history[column], marker="o", label=column)
+    for column in metrics:
+        metric_ax.plot(history[x], history[column], marker="o", label=column)
+    loss_ax.set(xlabel=x, ylabel="loss", title=f"{title}: losses")
+    metric_ax.set(xlabel=x, title=f"{title}: validation metrics")
+    for ax in (loss_ax, metric_ax):
+        if ax.lines:
+            ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    return fig
+
+
+def read_detectron2_metrics(path: str | os.PathLike) -> pd.DataFrame:
+    """detectron2's ``metrics.json`` (one JSON object per line) as a DataFrame sorted by iteration."""
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    frame = pd.DataFrame(rows)
+    return frame.sort_values("iteration").reset_index(drop=True) if len(frame) else frame
+
+
+def plot_detector_curves(stage_metrics: dict[str, pd.DataFrame], loss: str = "total_loss",
+                         metric: str | None = None) -> Figure:
+    """Training loss (left) and a validation metric (right) over the stages, laid end to end.
+
+    ``stage_metrics`` maps a stage name to its detectron2 metrics frame (``iteration`` plus
+    scalar columns); ``metric`` defaults to the first column whose name contains ``F2``.
+    """
+    fig = Figure(figsize=(12, 3.8), layout="constrained")
+    loss_ax, metric_ax = fig.subplots(1, 2)
+    offset = 0
+    for name, frame in stage_metrics.items():
+        if not len(frame):
+            continue
+        if metric is None:
+            metric = next((c for c in frame.columns if "f2" in c.lower()), None)
+        iterations = frame["iteration"] + offset
+        if loss in frame:
+            rows = frame[loss].notna()
+            loss_ax.plot(iterations[rows], frame.loc[rows, loss], label=name)
+        if metric and metric in frame:
+            rows = frame[metric].notna()
+            metric_ax.plot(iterations[rows], frame.loc[rows, metric], marker="o", label=name)
+        offset = int(iterations.max()) + 1
+        for ax in (loss_ax, metric_ax):
+            ax.axvline(offset, color="gray", linewidth=0.6, linestyle=":")
+    loss_ax.set(xlabel="iteration (stages end to end)", ylabel=loss, title="detector: training loss")
+    metric_ax.set(xlabel="iteration (stages end to end)", ylabel=metric or "validation metric",
+                  title=f"detector: validation {metric or '(none logged)'}")
+    for ax in (loss_ax, metric_ax):
+        if ax.lines:
+            ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    return fig
+
+
+def show_image(path: str | os.PathLike):
+    """A PNG written by the pipeline, as an object a notebook cell displays."""
+    from IPython.display import Image
+
+    return Image(filename=str(path))

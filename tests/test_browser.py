@@ -1,0 +1,285 @@
+"""The notebook and TensorBoard, driven in a real browser (Debian's Chromium through Playwright).
+
+- JupyterLab runs on 127.0.0.1 with a token, temporary settings/workspace/runtime folders and the
+  news popup silenced (``share/jupyter/lab/settings/overrides.json`` in the environment's prefix).
+  The test opens ``module_notebook.ipynb``, clicks Run > Run All Cells, waits for every cell, and
+  asserts that outputs (pictures, tables, progress bars) render and no cell shows an error. The
+  notebook runs on ``configs/tiny.yaml`` (a few 64 px synthetic images, a few iterations): a copy
+  with papermill's parameter injection sits in a temporary folder that is the server's root, so
+  the run writes nothing into the checkout.
+- TensorBoard serves that run's ``runs/`` folder; the scalars page must show the training curves.
+
+Screenshots go to ``runs/test-artifacts/browser/`` (printed). Servers are stopped by PID.
+Skips with a reason where ``/usr/bin/chromium`` is missing (``make system-deps`` installs it).
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import nbformat
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--no-first-run", "--disable-sync", "--disable-quic"]
+ARTIFACTS = ROOT / "runs" / "test-artifacts" / "browser"
+TINY_CONFIG = ROOT / "configs" / "tiny.yaml"
+NOTEBOOK = ROOT / "module_notebook.ipynb"
+RUN_ALL_TIMEOUT_S = 420
+LAB_OVERRIDES = ROOT / "docker" / "overrides.json"  # the same file the Docker image installs
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not CHROMIUM.exists(), reason=f"{CHROMIUM} missing: run `make system-deps` "
+                       "(apt-get install chromium) to enable the browser tests"),
+]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_http(url: str, process: subprocess.Popen, log: Path, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}; log {log}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer within {timeout_s} s; log {log}:\n{log.read_text()[-3000:]}")
+
+
+def stop(process: subprocess.Popen) -> None:
+    """Stop a server we started, by its PID: SIGTERM, then SIGKILL after 20 s."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+
+
+def silence_lab_news() -> Path:
+    """Merge docker/overrides.json into ``<prefix>/share/jupyter/lab/settings/overrides.json``."""
+    target = Path(sys.prefix) / "share" / "jupyter" / "lab" / "settings" / "overrides.json"
+    current = json.loads(target.read_text()) if target.is_file() else {}
+    wanted = json.loads(LAB_OVERRIDES.read_text())
+    merged = {**current, **{k: {**current.get(k, {}), **v} for k, v in wanted.items()}}
+    if merged != current:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(json.dumps(merged, indent=2) + "\n")
+    return target
+
+
+def write_parameterized_notebook(folder: Path, config: Path) -> Path:
+    """The repo's notebook with papermill's parameter injection (CONFIG = ``config``), in ``folder``."""
+    from papermill.iorw import load_notebook_node
+    from papermill.parameterize import parameterize_notebook
+
+    notebook = load_notebook_node(str(NOTEBOOK))
+    notebook = parameterize_notebook(notebook, {"CONFIG": str(config), "OVERRIDES": []})
+    out = folder / NOTEBOOK.name
+    nbformat.write(notebook, str(out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    print(f"\nscreenshots: {ARTIFACTS}")
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS, headless=True)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture(scope="module")
+def lab_server(tmp_path_factory):
+    """JupyterLab on 127.0.0.1 with a token, rooted in a fresh folder; yields (url, token, root)."""
+    root = tmp_path_factory.mktemp("lab-root")
+    home = tmp_path_factory.mktemp("lab-home")
+    settings = home / "user-settings"
+    # Deterministic UI: every cell rendered (no windowing), no autosave racing the test's save.
+    (settings / "@jupyterlab" / "notebook-extension").mkdir(parents=True)
+    (settings / "@jupyterlab" / "notebook-extension" / "tracker.jupyterlab-settings").write_text(
+        json.dumps({"windowingMode": "none"}))
+    (settings / "@jupyterlab" / "docmanager-extension").mkdir(parents=True)
+    (settings / "@jupyterlab" / "docmanager-extension" / "plugin.jupyterlab-settings").write_text(
+        json.dumps({"autosave": False}))
+    silence_lab_news()
+    token = secrets.token_hex(16)
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+           "JUPYTER_CONFIG_DIR": str(home / "config"), "JUPYTER_RUNTIME_DIR": str(home / "runtime"),
+           "IPYTHONDIR": str(home / "ipython"), "OMP_NUM_THREADS": "1", "MPLBACKEND": ""}
+    env.pop("MPLBACKEND")
+    log = home / "jupyterlab.log"
+    with open(log, "w") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
+             f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}",
+             f"--LabApp.user_settings_dir={settings}", f"--LabApp.workspaces_dir={home / 'workspaces'}"]
+            + (["--allow-root"] if os.geteuid() == 0 else []),  # CI containers run as root
+            stdout=out, stderr=subprocess.STDOUT, env=env, cwd=root,
+        )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_for_http(f"{url}/api/status?token={token}", process, log)
+        yield url, token, root
+    finally:
+        stop(process)
+        print(f"JupyterLab (pid {process.pid}) stopped; log {log}")
+
+
+def wait_for_kernel_idle(page, timeout_s: float) -> None:
+    """Wait until the status bar reads "<kernel> | Idle" (the kernel started and answered)."""
+    page.locator(".jp-StatusBar-Widget", has_text="| Idle").first.wait_for(timeout=timeout_s * 1000)
+
+
+def code_cell_prompts(page) -> list[str]:
+    return page.locator(".jp-NotebookPanel:visible .jp-CodeCell .jp-InputArea-prompt").all_inner_texts()
+
+
+@pytest.fixture(scope="module")
+def lab_run_all(lab_server, browser):
+    """Open the notebook in JupyterLab, Run All, save; yields what the page and the saved file show."""
+    url, token, root = lab_server
+    notebook = write_parameterized_notebook(root, TINY_CONFIG)
+    n_code = sum(c.cell_type == "code" for c in nbformat.read(str(notebook), as_version=4).cells)
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    console_errors: list[str] = []
+    page.on("console", lambda msg: console_errors.append(msg.text) if msg.type == "error" else None)
+    page.goto(f"{url}/lab/tree/{notebook.name}?token={token}", wait_until="domcontentloaded")
+    wait_for_kernel_idle(page, timeout_s=90)
+    page.screenshot(path=str(ARTIFACTS / "lab-opened.png"))
+
+    page.locator("#jp-MainMenu .lm-MenuBar-itemLabel", has_text="Run").first.click()
+    page.locator(".lm-Menu-item:visible .lm-Menu-itemLabel").get_by_text("Run All Cells", exact=True).click()
+    started = time.monotonic()
+    prompts: list[str] = []
+    while time.monotonic() - started < RUN_ALL_TIMEOUT_S:
+        if page.locator(".jp-Dialog").count():  # e.g. a kernel prompt: fail now with a picture
+            page.screenshot(path=str(ARTIFACTS / "lab-dialog.png"))
+            raise AssertionError(f"unexpected dialog: {page.locator('.jp-Dialog').inner_text()!r}")
+        prompts = code_cell_prompts(page)
+        finished = len(prompts) == n_code and all(p.strip("[]: ").isdigit() for p in prompts)
+        # Run All stops at the first error: the cells after it keep an empty or "*" prompt
+        failed = page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']",
+                              has_text="Traceback").count() > 0
+        if finished or failed:
+            break
+        time.sleep(2)
+    wait_for_kernel_idle(page, timeout_s=60)
+    elapsed = time.monotonic() - started
+
+    cells = page.locator(".jp-NotebookPanel:visible .jp-Cell")
+    shots = []
+    for k in range(cells.count()):  # one screenshot per cell with a picture or a widget
+        cell = cells.nth(k)
+        if cell.locator(".jp-RenderedImage img, .widget-hprogress").count():
+            cell.scroll_into_view_if_needed()
+            path = ARTIFACTS / f"lab-cell-{k:02d}.png"
+            cell.screenshot(path=str(path))
+            shots.append(path)
+    page.screenshot(path=str(ARTIFACTS / "lab-after-run-all.png"))
+    dom = {
+        "prompts": prompts,
+        "images": page.locator(".jp-OutputArea .jp-RenderedImage img").count(),
+        "tables": page.locator(".jp-OutputArea-output table").count(),
+        "progress_bars": page.locator(".jp-OutputArea-output .widget-hprogress").count(),
+        "tracebacks": page.locator(".jp-OutputArea-output", has_text="Traceback (most recent call last)").count(),
+        "elapsed_s": elapsed,
+        "screenshots": shots,
+        "console_errors": console_errors,
+    }
+    # Save through the UI, then read what JupyterLab wrote: the outputs as the notebook has them.
+    mtime = notebook.stat().st_mtime
+    page.locator(".jp-NotebookPanel:visible .jp-Notebook").first.click(position={"x": 5, "y": 5})
+    page.keyboard.press("Control+s")
+    deadline = time.monotonic() + 60
+    while notebook.stat().st_mtime == mtime and time.monotonic() < deadline:
+        time.sleep(0.5)
+    saved = nbformat.read(str(notebook), as_version=4)
+    page.close()
+    yield {"dom": dom, "saved": saved, "root": root, "n_code": n_code}
+
+
+def test_jupyterlab_runs_the_notebook_top_to_bottom(lab_run_all):
+    dom, saved, n_code = lab_run_all["dom"], lab_run_all["saved"], lab_run_all["n_code"]
+    print(f"Run All took {dom['elapsed_s']:.0f} s; screenshots: {[p.name for p in dom['screenshots']]}")
+    errors = [(k, o.get("ename"), o.get("evalue")) for k, c in enumerate(saved.cells) if c.cell_type == "code"
+              for o in c.get("outputs", []) if o.output_type == "error"]
+    assert not errors, f"cells with error outputs: {errors}"
+    assert dom["tracebacks"] == 0
+    counts = [c.execution_count for c in saved.cells if c.cell_type == "code"]
+    assert len(counts) == n_code and all(isinstance(n, int) for n in counts), f"not every cell ran: {counts}"
+    assert counts == sorted(counts), "cells ran out of order"
+    assert all(p.strip("[]: ").isdigit() for p in dom["prompts"]), dom["prompts"]
+
+
+def test_jupyterlab_renders_pictures_tables_and_progress_bars(lab_run_all):
+    dom, saved = lab_run_all["dom"], lab_run_all["saved"]
+    png_outputs = sum("image/png" in o.get("data", {}) for c in saved.cells if c.cell_type == "code"
+                      for o in c.get("outputs", []))
+    assert png_outputs >= 6, f"expected the notebook's pictures, found {png_outputs} PNG outputs"
+    assert dom["images"] >= png_outputs, dom  # every PNG output is on the page
+    assert dom["tables"] >= 2, dom  # dataset summary, PR table, score table
+    assert dom["progress_bars"] >= 1, "tqdm.auto progress bars did not render as widgets"
+    for path in dom["screenshots"]:
+        assert path.stat().st_size > 5_000, f"{path} looks blank"
+
+
+def test_tensorboard_scalars_page_shows_the_training_curves(lab_run_all, browser, tmp_path):
+    runs = lab_run_all["root"] / "runs"
+    events = sorted(runs.rglob("events.out.tfevents.*"))
+    assert events, f"the notebook run wrote no TensorBoard event files under {runs}"
+    port = free_port()
+    log = tmp_path / "tensorboard.log"
+    with open(log, "w") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "tensorboard.main", "--logdir", str(runs), "--host", "127.0.0.1",
+             "--port", str(port), "--load_fast", "false"],
+            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_for_http(f"{url}/data/runs", process, log)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(f"{url}/#scalars", wait_until="domcontentloaded")
+        tag = "total_loss"
+        card = page.locator("card-view", has_text=tag).first
+        card.wait_for(timeout=60_000)
+        card.scroll_into_view_if_needed()
+        page.wait_for_timeout(2000)  # let the line chart draw
+        page.screenshot(path=str(ARTIFACTS / "tensorboard-scalars.png"))
+        card.screenshot(path=str(ARTIFACTS / "tensorboard-total-loss.png"))
+        text = page.locator("body").inner_text()
+        assert tag in text
+        assert page.locator("card-view").count() >= 3, "expected several scalar charts"
+        # the chart is drawn (SVG or canvas), not an empty card
+        assert card.locator("svg path, canvas").count() > 0
+        runs_listed = json.loads(urllib.request.urlopen(f"{url}/data/runs", timeout=10).read())
+        assert any("stage" in run or "detector" in run for run in runs_listed), runs_listed
+        page.close()
+    finally:
+        stop(process)
+        print(f"TensorBoard (pid {process.pid}) stopped; screenshots in {ARTIFACTS}")

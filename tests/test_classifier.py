@@ -1,0 +1,313 @@
+"""module_classifier: real fastai ResNet34 (random init) at 64 px, 1 epoch, on CPU.
+
+One module-scoped training on a hand-built dataset (PNG/JPEG tiles with and without a bright
+hull) serves the export/reload, CSV and bad-input tests; the generated Kaggle-format data and the
+real Kaggle sample each get their own 1-epoch run through the public entry points.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+import module_classifier as mc
+from module_config import get_cfg
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
+TINY = ["CLASSIFIER.IMAGE_SIZE", "64", "CLASSIFIER.EPOCHS", "1", "CLASSIFIER.BATCH_SIZE", "4",
+        "CLASSIFIER.NUM_WORKERS", "0", "CLASSIFIER.PRETRAINED", "False", "CLASSIFIER.TTA", "False"]
+
+
+def tiny_cfg(tmp: Path, *opts: str):
+    return get_cfg(DEMO_CONFIG, ["PATHS.RUNS_DIR", str(tmp / "runs"), "PATHS.INPUT_DIR", str(tmp / "input"),
+                                 *TINY, *opts])
+
+
+def write_tile(path: Path, rng: np.random.Generator, ship: bool, size: int = 64) -> dict:
+    """A sea-noise tile, with a bright 4x12 px hull when ``ship``; returns its dataset dict."""
+    pixels = rng.normal(70, 12, (size, size, 3)).clip(0, 255).astype(np.uint8)
+    annotations = []
+    if ship:
+        y, x = rng.integers(4, size - 16, 2)
+        pixels[y:y + 4, x:x + 12] = 235
+        annotations = [{"bbox": [int(x), int(y), 12, 4], "category_id": 0, "iscrowd": 0}]
+    Image.fromarray(pixels).save(path)
+    return {"file_name": str(path), "height": size, "width": size, "image_id": path.name,
+            "annotations": annotations}
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    """24 train + 8 val hand-built tiles (a third with a ship), PNG and JPEG mixed."""
+    root = tmp_path_factory.mktemp("tiny")
+    (root / "images").mkdir()
+    rng = np.random.default_rng(0)
+    dicts = [write_tile(root / "images" / f"tile{i:02d}.{'png' if i % 2 else 'jpg'}", rng, ship=i % 3 == 0)
+             for i in range(32)]
+    return root, dicts[:24], dicts[24:]
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_data):
+    """(cfg, in-memory learner, export path) of one 1-epoch run on ``tiny_data``."""
+    root, train_dicts, val_dicts = tiny_data
+    cfg = tiny_cfg(root)
+    export = mc.train_classifier(cfg, train_dicts, val_dicts)
+    return cfg, export
+
+
+@pytest.fixture(scope="module")
+def learner(trained):
+    return mc.load_classifier(trained[1])
+
+
+# ---------------------------------------------------------------- plain logic
+
+
+def test_threshold_table_by_hand():
+    has_ship = np.array([True, True, False, False, False])
+    p_ship = np.array([0.9, 0.4, 0.6, 0.1, 0.0])
+    table = mc.get_threshold_table(has_ship, p_ship, thresholds=[0.0, 0.5, 0.95]).set_index("threshold")
+    assert table.loc[0.0, ["tp", "fp", "fn", "tn"]].tolist() == [2, 3, 0, 0]
+    assert table.loc[0.5, ["tp", "fp", "fn", "tn"]].tolist() == [1, 1, 1, 2]
+    assert table.loc[0.5, "precision"] == 0.5 and table.loc[0.5, "recall"] == 0.5
+    assert table.loc[0.5, "kept_fraction"] == pytest.approx(0.4)
+    # nothing kept: precision is 1 by convention, recall 0
+    assert table.loc[0.95, ["tp", "fp", "precision", "recall", "kept_fraction"]].tolist() == [0, 0, 1.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("opts, expected", [
+    (["CLASSIFIER.EPOCHS=2"], ["CLASSIFIER.EPOCHS", "2"]),
+    (["CLASSIFIER.EPOCHS", "2", "PATHS.RUN_NAME=a=b"], ["CLASSIFIER.EPOCHS", "2", "PATHS.RUN_NAME", "a=b"]),
+    ([], []),
+])
+def test_parse_overrides(opts, expected):
+    assert mc.parse_overrides(opts) == expected
+
+
+def test_roc_auc_is_nan_for_one_class():
+    assert np.isnan(mc.roc_auc_or_nan(np.array([0, 0]), np.array([0.2, 0.7])))
+    assert mc.roc_auc_or_nan(np.array([0, 1, 1]), np.array([0.1, 0.7, 0.6])) == 1.0
+
+
+# ---------------------------------------------------------------- training and its outputs
+
+
+def test_training_writes_export_history_report_and_tensorboard(trained):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg, export = trained
+    out_dir = export.parent
+    assert export == Path(cfg.PATHS.RUNS_DIR) / cfg.PATHS.RUN_NAME / "classifier" / "export.pkl"
+    assert export.stat().st_size > 80e6  # ResNet34 weights are in it
+    assert (out_dir / "config.yaml").is_file()
+    history = pd.read_csv(out_dir / "history.csv")
+    assert history.columns.tolist() == ["epoch", "train_loss", "valid_loss", "accuracy", "precision_ship",
+                                        "recall_ship", "roc_auc"]
+    assert len(history) == 1 and history["train_loss"].notna().all()
+    assert 0.0 <= history["roc_auc"].iloc[0] <= 1.0
+
+    predictions = pd.read_csv(out_dir / "val_predictions.csv")
+    assert predictions.columns.tolist() == ["ImageId", "has_ship", "p_ship"]
+    assert len(predictions) == 8 and predictions["has_ship"].sum() == 3  # tiles 24, 27, 30
+    table = pd.read_csv(out_dir / "val_thresholds.csv")
+    assert table["threshold"].tolist() == pytest.approx(mc.REPORT_THRESHOLDS.tolist())
+    assert (table[["tp", "fn"]].sum(axis=1) == 3).all() and (table[["fp", "tn"]].sum(axis=1) == 5).all()
+    assert table["recall"].is_monotonic_decreasing
+    assert (out_dir / "val_thresholds.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    events = EventAccumulator(str(out_dir)).Reload()
+    tags = events.Tags()["scalars"]
+    assert {"train_loss", "valid_loss", "roc_auc", "precision_ship", "recall_ship"} <= set(tags)
+    assert len(events.Scalars("train_loss")) == 6  # 24 images / batch 4
+
+
+def test_export_reload_gives_identical_probabilities(trained, tiny_data, learner):
+    from fastai.vision.all import load_learner
+
+    _, export = trained
+    _, _, val_dicts = tiny_data
+    paths = [d["file_name"] for d in val_dicts]
+    first = mc.predict_p_ship(learner, paths, batch_size=3)
+    assert first["p_ship"].nunique() > 1  # not saturated, so the comparison means something
+    again = mc.predict_p_ship(load_learner(export), paths, batch_size=8)
+    pd.testing.assert_frame_equal(first, again, check_exact=False, rtol=0, atol=1e-6)
+    reported = pd.read_csv(export.parent / "val_predictions.csv")  # from the in-memory learner
+    np.testing.assert_allclose(reported["p_ship"], first["p_ship"], atol=1e-6)
+    # The usual Kaggle call on the exported learner agrees with the batched path.
+    _, _, probs = learner.predict(paths[0])
+    assert float(probs[1]) == pytest.approx(first["p_ship"].iloc[0], abs=1e-5)
+
+
+def test_flip_tta_is_the_mean_over_the_four_flips(tmp_path, learner):
+    write_tile(tmp_path / "tile.png", np.random.default_rng(1), ship=True)  # hull off-centre: flips differ
+    pixels = np.asarray(Image.open(tmp_path / "tile.png"))
+    flips = {"id": pixels, "h": pixels[:, ::-1], "v": pixels[::-1], "hv": pixels[::-1, ::-1]}
+    for name, array in flips.items():
+        Image.fromarray(np.ascontiguousarray(array)).save(tmp_path / f"{name}.png")  # lossless, 64 px: no resize
+    plain = mc.predict_p_ship(learner, [tmp_path / f"{n}.png" for n in flips], tta=False)
+    tta = mc.predict_p_ship(learner, [tmp_path / "id.png"], tta=True)
+    assert plain["p_ship"].nunique() > 1
+    assert tta["p_ship"].iloc[0] == pytest.approx(plain["p_ship"].mean(), abs=1e-6)
+
+
+def test_predict_cli_writes_every_image(trained, tiny_data, tmp_path):
+    cfg, export = trained
+    root, _, _ = tiny_data
+    out = tmp_path / "sub" / "p_ship.csv"
+    args = mc.get_args_parser().parse_args(
+        ["predict", "--config", str(DEMO_CONFIG), "--images", str(root / "images"), "--out", str(out),
+         "--tta", "--model", str(export), "CLASSIFIER.BATCH_SIZE=16", "CLASSIFIER.NUM_WORKERS", "0"])
+    assert mc.main(args) == out
+    assert out.read_text().splitlines()[0] == "ImageId,p_ship"
+    table = pd.read_csv(out)
+    assert table["ImageId"].tolist() == sorted(p.name for p in (root / "images").iterdir())
+    assert table["p_ship"].between(0.0, 1.0).all()
+    assert not list(out.parent.glob(".*tmp*"))  # the atomic writer left no temporary file
+
+
+def test_cli_trains_on_generated_data(tmp_path):
+    pytest.importorskip("module_synthetic")
+    pytest.importorskip("module_preprocessing")
+    args = mc.get_args_parser().parse_args(
+        ["train", "--config", str(DEMO_CONFIG), "PATHS.RUNS_DIR", str(tmp_path / "runs"),
+         "PATHS.INPUT_DIR", str(tmp_path / "input"), "SYNTH.N_TRAIN=40", "SYNTH.N_TEST=4",
+         "SYNTH.IMAGE_SIZE=128", "DATA.IMAGE_SIZE=128", "DATA.VAL_FRACTION=0.25",
+         *[f"{k}={v}" for k, v in zip(TINY[::2], TINY[1::2])], "CLASSIFIER.BALANCE=sampler"])
+    export = mc.main(args)
+    assert export == tmp_path / "runs" / "demo" / "classifier" / "export.pkl"
+    predictions = pd.read_csv(export.parent / "val_predictions.csv")
+    truth = pd.read_csv(tmp_path / "input" / "train_ship_segmentations_v2.csv")
+    has_ship = truth.groupby("ImageId")["EncodedPixels"].apply(lambda s: s.notna().any())
+    assert len(predictions) >= 5
+    assert (predictions["has_ship"].to_numpy() == has_ship[predictions["ImageId"]].to_numpy()).all()
+    assert predictions["p_ship"].between(0, 1).all()
+
+
+def test_trains_on_the_real_kaggle_sample(airbus_images, airbus_truth_csv, tmp_path):
+    preprocessing = pytest.importorskip("module_preprocessing")
+    dicts = preprocessing.load_dataset_dicts(airbus_truth_csv, airbus_images)
+    assert len(dicts) == 64 and sum(bool(d["annotations"]) for d in dicts) == 40
+    train_dicts, val_dicts = preprocessing.split_train_val(dicts, val_fraction=0.25, seed=0)
+    cfg = tiny_cfg(tmp_path)
+    learner = mc.load_classifier(mc.train_classifier(cfg, train_dicts, val_dicts))
+    predictions = mc.predict_p_ship(learner, [d["file_name"] for d in val_dicts], batch_size=16)
+    assert predictions["ImageId"].tolist() == [d["image_id"] for d in val_dicts]
+    assert predictions["p_ship"].between(0, 1).all()
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_missing_image_errors_or_is_skipped(learner, tiny_data):
+    _, _, val_dicts = tiny_data
+    paths = [Path(d["file_name"]) for d in val_dicts[:3]]
+    gone = paths[0].with_name("gone.jpg")
+    with pytest.raises(FileNotFoundError, match="gone.jpg"):
+        mc.predict_p_ship(learner, [*paths, gone])
+    result = mc.predict_p_ship(learner, [*paths, gone], on_bad_image="skip")
+    assert result["ImageId"].tolist() == [p.name for p in paths]
+    assert result.attrs["skipped"] == [str(gone)]
+
+
+@pytest.mark.parametrize("corruption", ["truncated", "not_an_image", "empty"])
+def test_corrupt_image_errors_or_is_skipped(learner, tiny_data, tmp_path, corruption):
+    _, _, val_dicts = tiny_data
+    good = Path(val_dicts[0]["file_name"])
+    bad = tmp_path / "bad.jpg"
+    jpeg = tmp_path / "full.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(jpeg, quality=95)
+    content = {"truncated": jpeg.read_bytes()[: jpeg.stat().st_size // 2],
+               "not_an_image": b"ImageId,EncodedPixels\n", "empty": b""}[corruption]
+    bad.write_bytes(content)
+    with pytest.raises(ValueError, match="bad.jpg"):
+        mc.predict_p_ship(learner, [good, bad])
+    result = mc.predict_p_ship(learner, [good, bad], on_bad_image="skip")
+    assert result["ImageId"].tolist() == [good.name] and result.attrs["skipped"] == [str(bad)]
+
+
+def test_bad_image_policy_is_checked(learner, tiny_data):
+    with pytest.raises(ValueError, match="'error', 'skip'"):
+        mc.predict_p_ship(learner, [tiny_data[1][0]["file_name"]], on_bad_image="ignore")
+
+
+def test_predict_cli_empty_or_missing_folder(trained, tmp_path):
+    _, export = trained
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no images here")
+    parser = mc.get_args_parser()
+    base = ["predict", "--config", str(DEMO_CONFIG), "--out", str(tmp_path / "p.csv"), "--model", str(export)]
+    with pytest.raises(ValueError, match="holds no .jpg"):
+        mc.main(parser.parse_args([*base, "--images", str(tmp_path / "empty")]))
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        mc.main(parser.parse_args([*base, "--images", str(tmp_path / "nowhere")]))
+    assert not (tmp_path / "p.csv").exists()
+
+
+def test_predict_cli_without_a_trained_model(tiny_data, tmp_path):
+    root, _, _ = tiny_data
+    args = mc.get_args_parser().parse_args(
+        ["predict", "--config", str(DEMO_CONFIG), "--images", str(root / "images"), "--out", str(tmp_path / "p.csv"),
+         "PATHS.RUNS_DIR", str(tmp_path / "runs")])
+    with pytest.raises(FileNotFoundError, match="export.pkl does not exist; train one first"):
+        mc.main(args)
+
+
+def test_train_cli_with_missing_data(tmp_path):
+    pytest.importorskip("module_preprocessing")
+    args = mc.get_args_parser().parse_args(
+        ["train", "--config", str(REPO_ROOT / "configs" / "airbus.yaml"), "PATHS.INPUT_DIR", str(tmp_path / "nodata"),
+         "PATHS.RUNS_DIR", str(tmp_path / "runs")])
+    with pytest.raises(FileNotFoundError, match="nodata"):
+        mc.main(args)
+
+
+def test_training_dicts_with_missing_file_or_one_class(tiny_data, tmp_path):
+    _, train_dicts, val_dicts = tiny_data
+    cfg = tiny_cfg(tmp_path)
+    moved = dict(train_dicts[0], file_name=str(tmp_path / "moved.jpg"))
+    with pytest.raises(FileNotFoundError, match="moved.jpg"):
+        mc.train_classifier(cfg, [moved, *train_dicts[1:]], val_dicts)
+    with pytest.raises(ValueError, match="both ship and ship-free"):
+        mc.train_classifier(cfg, [d for d in train_dicts if not d["annotations"]], val_dicts)
+    with pytest.raises(ValueError, match="0 validation"):
+        mc.train_classifier(cfg, train_dicts, [])
+    with pytest.raises(ValueError, match="CLASSIFIER.BALANCE 'oversample'"):
+        mc.train_classifier(tiny_cfg(tmp_path, "CLASSIFIER.BALANCE", "oversample"), train_dicts, val_dicts)
+    assert not (tmp_path / "runs" / "demo" / "classifier" / "export.pkl").exists()
+
+
+def test_pretrained_offline_says_where_the_weights_go(tiny_data, tmp_path, monkeypatch):
+    _, train_dicts, val_dicts = tiny_data
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # an empty hub cache
+
+    def offline(*args, **kwargs):
+        raise OSError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    cfg = tiny_cfg(tmp_path, "CLASSIFIER.PRETRAINED", "True")
+    expected = tmp_path / "torch" / "hub" / "checkpoints" / "resnet34-b627a593.pth"
+    with pytest.raises(RuntimeError, match=rf"(?s){expected}.*CLASSIFIER.PRETRAINED False"):
+        mc.train_classifier(cfg, train_dicts, val_dicts)
+
+
+def test_unknown_arch_names_the_valid_ones(tiny_data, tmp_path):
+    _, train_dicts, val_dicts = tiny_data
+    with pytest.raises(ValueError, match="resnet34"):
+        mc.train_classifier(tiny_cfg(tmp_path, "CLASSIFIER.ARCH", "vgg16"), train_dicts, val_dicts)
+
+
+def test_corrupt_image_in_a_worker_process_is_named(learner, tiny_data, tmp_path):
+    good = Path(tiny_data[2][0]["file_name"])
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(good.read_bytes()[:100] if good.suffix == ".jpg" else b"\xff\xd8\xff\xe0 not a jpeg")
+    with pytest.raises(ValueError, match="broken.jpg"):
+        mc.predict_p_ship(learner, [good, bad], num_workers=1)
+    result = mc.predict_p_ship(learner, [good, bad], num_workers=1, on_bad_image="skip")
+    assert result["ImageId"].tolist() == [good.name] and result.attrs["skipped"] == [str(bad)]
