@@ -803,3 +803,401 @@ def save_coco_json(dicts: Sequence[dict], out_path: str | os.PathLike) -> Path:
             json.dump(coco, handle)
     logger.info("wrote %s: %d images, %d annotations", out_path, len(coco["images"]), len(coco["annotations"]))
     return out_path
+
+
+# ============================================================================ overlap-aware split
+BLOCK_GRID = 3  # Kaggle tiles overlap at multiples of 256 px = a third of the 768 px tile
+_SIGNATURE_CELLS = 8  # each block is described by its 8x8 grid of mean grey levels
+_KEY_CELLS = 4  # ... and bucketed by a coarse 4x4 grid of them
+_KEY_STEP = 6.0  # grey levels per bucket of the coarse key (two grids, offset by half a step)
+# Blocks match when their 8x8 signatures differ by at most this on average (grey levels). Blocks
+# two Kaggle tiles share decode identically (0.0); at 256 px the synthetic scenes' thirds fall
+# between pixels and differ by ~0.3; distinct blocks of the real sample differ by >= 1.1.
+_MATCH_TOLERANCE = 0.5
+_MIN_BLOCK_STD = 2.0  # flatter blocks (open sea, cloud) match anything: they never join tiles
+SHIP_COUNT_STRATA = (0, 1, 2, 4, 7)  # stratum lower bounds of an image's ship count
+
+
+def block_signatures(path: str | os.PathLike, grid: int = BLOCK_GRID) -> np.ndarray:
+    """``(grid*grid, 8, 8)`` float32 mean grey levels of each block of the tile, row-major blocks.
+
+    Decoded at a quarter of the size through JPEG's DCT scaling (``Image.draft``), which is
+    block-local like the encoding itself, so blocks two tiles share give the same numbers. A
+    margin of 1/16 of the block is left out on each side: JPEG's chroma upsampling there reads
+    pixels of the neighbouring block, which differ between the tiles.
+    """
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image.draft("L", (image.width // 4, image.height // 4))
+        grey = np.asarray(image.convert("L"), dtype=np.float32)
+    height, width = grey.shape
+    bh, bw = height // grid, width // grid
+    cell_h, cell_w = max((bh - 2 * (bh // 16)) // _SIGNATURE_CELLS, 1), max((bw - 2 * (bw // 16)) // _SIGNATURE_CELLS, 1)
+    out = np.empty((grid * grid, _SIGNATURE_CELLS, _SIGNATURE_CELLS), np.float32)
+    for b in range(grid * grid):
+        top = (b // grid) * bh + (bh - cell_h * _SIGNATURE_CELLS) // 2
+        left = (b % grid) * bw + (bw - cell_w * _SIGNATURE_CELLS) // 2
+        crop = grey[top:top + cell_h * _SIGNATURE_CELLS, left:left + cell_w * _SIGNATURE_CELLS]
+        out[b] = crop.reshape(_SIGNATURE_CELLS, cell_h, _SIGNATURE_CELLS, cell_w).mean(axis=(1, 3))
+    return out
+
+
+def compute_block_signatures(paths: Sequence[str | os.PathLike], num_workers: int | None = None) -> np.ndarray:
+    """:func:`block_signatures` of many tiles (threads, tqdm bar): ``(N, 9, 8, 8)`` float32."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm.auto import tqdm
+
+    paths = [str(p) for p in paths]
+    if not paths:
+        return np.zeros((0, BLOCK_GRID * BLOCK_GRID, _SIGNATURE_CELLS, _SIGNATURE_CELLS), np.float32)
+    with ThreadPoolExecutor(num_workers or min(8, os.cpu_count() or 1)) as pool:
+        signatures = list(tqdm(pool.map(block_signatures, paths, chunksize=32), total=len(paths),
+                               desc="block signatures", unit="img", disable=None))
+    return np.stack(signatures)
+
+
+def group_overlapping_tiles(signatures: np.ndarray) -> np.ndarray:
+    """Group ids ``(N,)`` int64 such that tiles sharing a block (transitively) share an id.
+
+    ``signatures``: ``(N, blocks, 8, 8)`` from :func:`compute_block_signatures`. Blocks are
+    bucketed by their coarse 4x4 means on two grids offset by half a step (so two nearly equal
+    blocks share a bucket on at least one of them, almost surely), then matched on the full 8x8
+    signature (mean absolute difference within :data:`_MATCH_TOLERANCE`); featureless blocks are never matched. Groups are
+    numbered by their first tile.
+    """
+    n_images = signatures.shape[0]
+    parent = np.arange(n_images)
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    flat = signatures.reshape(n_images * signatures.shape[1], -1)
+    image_of_block = np.repeat(np.arange(n_images), signatures.shape[1])
+    informative = flat.std(axis=1) >= _MIN_BLOCK_STD
+    blocks = np.flatnonzero(informative)
+    side = signatures.shape[-1]
+    factor = side // _KEY_CELLS
+    coarse = signatures.reshape(n_images * signatures.shape[1], _KEY_CELLS, factor, _KEY_CELLS, factor)
+    coarse = coarse.mean(axis=(2, 4)).reshape(-1, _KEY_CELLS * _KEY_CELLS)[blocks]
+    for offset in (0.0, 0.5):
+        keys = np.floor(coarse / _KEY_STEP + offset).astype(np.int16)
+        _, bucket = np.unique(keys, axis=0, return_inverse=True)
+        bucket = bucket.reshape(-1)
+        order = np.argsort(bucket, kind="stable")
+        starts = np.flatnonzero(np.diff(bucket[order], prepend=-1))
+        sizes = np.diff(np.append(starts, order.size))
+        for start, size in zip(starts[sizes > 1].tolist(), sizes[sizes > 1].tolist()):
+            ids = blocks[order[start:start + size]]
+            images = image_of_block[ids]
+            if images.min() == images.max():
+                continue
+            rows = max(1, 2 ** 24 // (size * flat.shape[1]))  # bound the pairwise array (~64 MB)
+            for top in range(0, size, rows):
+                diff = np.abs(flat[ids[top:top + rows], None, :] - flat[ids][None, :, :]).mean(axis=2)
+                a, b = np.nonzero(diff <= _MATCH_TOLERANCE)
+                for i, j in zip(images[a + top].tolist(), images[b].tolist()):
+                    ri, rj = find(i), find(j)
+                    if ri != rj:
+                        parent[max(ri, rj)] = min(ri, rj)
+    roots = np.array([find(i) for i in range(n_images)], np.int64)
+    _, groups = np.unique(roots, return_inverse=True)  # roots are first members: ids in order of first tile
+    return groups.reshape(-1).astype(np.int64)
+
+
+def ship_count_stratum(n_ships: int) -> int:
+    """Index of the :data:`SHIP_COUNT_STRATA` bucket of an image with ``n_ships`` ships."""
+    return int(np.searchsorted(SHIP_COUNT_STRATA, n_ships, side="right") - 1)
+
+
+def assign_folds(groups: np.ndarray, ship_counts: np.ndarray, val_fraction: float, seed: int) -> np.ndarray:
+    """Boolean ``(N,)``: True for validation images; whole groups go to one fold.
+
+    Stratified by ship count: each group belongs to the stratum of its busiest tile, and groups
+    of each stratum are taken in a seeded random order into validation while that keeps the
+    stratum's validation share closest to ``val_fraction``. Deterministic given ``seed``.
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    groups = np.asarray(groups, np.int64)
+    ship_counts = np.asarray(ship_counts, np.int64)
+    n_groups = int(groups.max()) + 1 if groups.size else 0
+    size = np.bincount(groups, minlength=n_groups)
+    busiest = np.zeros(n_groups, np.int64)
+    np.maximum.at(busiest, groups, ship_counts)
+    stratum = np.array([ship_count_stratum(c) for c in busiest.tolist()], np.int64)
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(n_groups)
+    is_val_group = np.zeros(n_groups, bool)
+    for s in np.unique(stratum).tolist():
+        members = order[stratum[order] == s]
+        target = val_fraction * size[members].sum()
+        taken = 0
+        for g in members.tolist():
+            if abs(taken + size[g] - target) < abs(taken - target):
+                is_val_group[g] = True
+                taken += size[g]
+    return is_val_group[groups]
+
+
+def split_train_val(dicts: Sequence[dict], val_fraction: float = 0.1, seed: int = 42,
+                    groups: np.ndarray | None = None) -> tuple[list[dict], list[dict]]:
+    """``(train_dicts, val_dicts)``: an overlap-aware split stratified by ship count, order kept.
+
+    Tiles that share a 256 px block (:func:`group_overlapping_tiles` on their images, unless
+    ``groups`` is given) always land in the same fold, so validation never sees a ship the
+    model trained on. Deterministic given ``seed``.
+    """
+    if groups is None:
+        groups = group_overlapping_tiles(compute_block_signatures([d["file_name"] for d in dicts]))
+    is_val = assign_folds(groups, np.array([len(d["annotations"]) for d in dicts]), val_fraction, seed)
+    return ([d for d, v in zip(dicts, is_val) if not v], [d for d, v in zip(dicts, is_val) if v])
+
+
+# ============================================================================ run-level entry points
+SYNTH_MANIFEST = "synthetic.json"  # written beside generated data: its parameters
+
+
+def _expected_layout(cfg) -> dict[str, Path]:
+    from module_config import get_input_path
+
+    return {"train CSV": get_input_path(cfg, cfg.DATA.TRAIN_CSV),
+            "train images": get_input_path(cfg, cfg.DATA.TRAIN_IMAGES),
+            "test images": get_input_path(cfg, cfg.DATA.TEST_IMAGES),
+            "sample submission": get_input_path(cfg, cfg.DATA.SAMPLE_SUBMISSION)}
+
+
+def _layout_hint(input_dir: Path, missing: Path) -> str:
+    """A guess at what the user did instead (a nested unzip folder, a v1 name, a zip left zipped)."""
+    if not input_dir.is_dir():
+        return ""
+    names = sorted(p.name for p in input_dir.iterdir())
+    hints = []
+    nested = [p for p in input_dir.iterdir() if p.is_dir() and (p / missing.name).exists()]
+    if nested:
+        hints.append(f"it is inside {nested[0]}: point PATHS.INPUT_DIR there, or move its contents up")
+    stem = missing.name.replace("_v2", "").split(".")[0]
+    similar = [n for n in names if n != missing.name and stem in n]
+    if similar:
+        hints.append(f"found {', '.join(similar[:3])} instead (unzip it, or rename it to {missing.name})")
+    if not hints:
+        hints.append(f"{input_dir} holds: {', '.join(names[:10]) or 'nothing'}")
+    return "; ".join(hints)
+
+
+def prepare_input(cfg) -> Path:
+    """Check ``PATHS.INPUT_DIR`` holds Kaggle's layout (generating synthetic data first if the config
+    says so); returns the folder. Raises ``FileNotFoundError`` naming what is missing and how to fix it.
+
+    With ``SYNTH.ENABLED`` the dataset is generated when absent, and regenerated when the
+    ``SYNTH`` settings changed since (only over data this function generated: it leaves a
+    ``synthetic.json`` manifest; a folder without one is never overwritten).
+    """
+    import json
+
+    from module_config import atomic_path
+
+    input_dir = Path(cfg.PATHS.INPUT_DIR)
+    layout = _expected_layout(cfg)
+    if cfg.SYNTH.ENABLED:
+        import module_synthetic
+
+        wanted = {"n_train": int(cfg.SYNTH.N_TRAIN), "n_test": int(cfg.SYNTH.N_TEST), "seed": int(cfg.SYNTH.SEED),
+                  "empty_fraction": float(cfg.SYNTH.EMPTY_FRACTION), "image_size": int(cfg.SYNTH.IMAGE_SIZE)}
+        manifest = input_dir / SYNTH_MANIFEST
+        have = json.loads(manifest.read_text()) if manifest.is_file() else None
+        if not layout["train CSV"].is_file() or (have is not None and have != wanted):
+            logger.info("generating a synthetic Kaggle-format dataset in %s (%s)", input_dir, wanted)
+            module_synthetic.generate_dataset(input_dir, overwrite=have is not None, **wanted)
+            with atomic_path(manifest) as tmp:
+                tmp.write_text(json.dumps(wanted, indent=1))
+    if not input_dir.is_dir():
+        raise FileNotFoundError(
+            f"input folder {input_dir} does not exist. Download the data with `kaggle competitions download -c "
+            f"airbus-ship-detection` and unzip it into {input_dir}/, or use configs/demo.yaml (synthetic data)")
+    for what, path in layout.items():
+        exists = path.is_file() if path.suffix == ".csv" else path.is_dir()
+        if not exists:
+            raise FileNotFoundError(f"{what} not found: expected {path} ({_layout_hint(path.parent, path)})")
+    for what in ("train images", "test images"):
+        if not any(layout[what].glob("*.jpg")):
+            raise FileNotFoundError(f"{what}: {layout[what]} holds no .jpg files")
+    return input_dir
+
+
+_SPLIT_COLUMNS = ["ImageId", "fold", "group", "n_ships"]
+
+
+def _split_fingerprint(cfg, csv_path: Path) -> dict:
+    stat = csv_path.stat()
+    return {"csv": str(csv_path.resolve()), "csv_bytes": stat.st_size, "csv_mtime_ns": stat.st_mtime_ns,
+            "val_fraction": float(cfg.DATA.VAL_FRACTION), "seed": int(cfg.DATA.SPLIT_SEED),
+            "max_images": int(cfg.DATA.MAX_IMAGES), "check_images": cfg.DATA.CHECK_IMAGES}
+
+
+def get_split_path(cfg) -> Path:
+    """``runs/<run>/split.csv``: each training image's fold and overlap group (reused while valid)."""
+    return Path(cfg.PATHS.RUNS_DIR) / cfg.PATHS.RUN_NAME / "split.csv"
+
+
+def subsample_dicts(dicts: Sequence[dict], max_images: int, seed: int) -> list[dict]:
+    """At most ``max_images`` dicts (0: all), a seeded sample in the original order."""
+    if not max_images or max_images >= len(dicts):
+        return list(dicts)
+    keep = np.sort(np.random.default_rng(seed).choice(len(dicts), max_images, replace=False))
+    return [dicts[i] for i in keep.tolist()]
+
+
+_DICTS_CACHE: dict[str, tuple[list[dict], list[dict]]] = {}  # fingerprint -> split, for one process
+
+
+def get_train_val_dicts(cfg) -> tuple[list[dict], list[dict]]:
+    """The run's ``(train_dicts, val_dicts)`` from the config's ``DATA`` keys.
+
+    Reads ``DATA.TRAIN_CSV`` and ``DATA.TRAIN_IMAGES`` under ``PATHS.INPUT_DIR``, checks images
+    per ``DATA.CHECK_IMAGES``, keeps at most ``DATA.MAX_IMAGES``, and splits with
+    :func:`split_train_val` (``DATA.VAL_FRACTION``, ``DATA.SPLIT_SEED``). The split is written to
+    ``runs/<run>/split.csv`` (atomically) and reused while the CSV and these keys are unchanged,
+    so the classifier, the detector and the submission see the same folds, and images are
+    hashed once. Within a process the result is cached.
+    """
+    import json
+
+    import pandas as pd
+
+    from module_config import atomic_path
+
+    layout = _expected_layout(cfg)
+    csv_path, image_dir = layout["train CSV"], layout["train images"]
+    if not csv_path.is_file():
+        raise FileNotFoundError(f"train CSV not found: expected {csv_path} (DATA.TRAIN_CSV under PATHS.INPUT_DIR)")
+    fingerprint = _split_fingerprint(cfg, csv_path)
+    key = json.dumps([fingerprint, str(image_dir.resolve()), int(cfg.DATA.IMAGE_SIZE)], sort_keys=True)
+    if key in _DICTS_CACHE:
+        train, val = _DICTS_CACHE[key]
+        return list(train), list(val)
+    dicts = load_dataset_dicts(csv_path, image_dir, check_images=cfg.DATA.CHECK_IMAGES,
+                               image_size=cfg.DATA.IMAGE_SIZE, overlaps="background")
+    dicts = subsample_dicts(dicts, int(cfg.DATA.MAX_IMAGES), int(cfg.DATA.SPLIT_SEED))
+    if not dicts:
+        raise ValueError(f"{csv_path}: no usable training images (all missing or skipped?)")
+    split_path = get_split_path(cfg)
+    meta_path = split_path.with_suffix(".json")
+    ids = [d["image_id"] for d in dicts]
+    saved = None
+    if split_path.is_file() and meta_path.is_file() and json.loads(meta_path.read_text()) == fingerprint:
+        saved = pd.read_csv(split_path, dtype={"ImageId": str})
+        if saved["ImageId"].tolist() != ids:
+            saved = None
+    if saved is None:
+        groups = group_overlapping_tiles(compute_block_signatures([d["file_name"] for d in dicts]))
+        n_ships = np.array([len(d["annotations"]) for d in dicts])
+        is_val = assign_folds(groups, n_ships, float(cfg.DATA.VAL_FRACTION), int(cfg.DATA.SPLIT_SEED))
+        saved = pd.DataFrame({"ImageId": ids, "fold": np.where(is_val, "val", "train"), "group": groups,
+                              "n_ships": n_ships})
+        with atomic_path(split_path) as tmp:
+            saved.to_csv(tmp, index=False)
+        with atomic_path(meta_path) as tmp:
+            tmp.write_text(json.dumps(fingerprint, indent=1))
+        logger.info("split %d images into %d train / %d val (%d overlap groups); wrote %s", len(ids),
+                    int((~is_val).sum()), int(is_val.sum()), int(groups.max()) + 1, split_path)
+    is_val = (saved["fold"] == "val").to_numpy()
+    train = [d for d, v in zip(dicts, is_val) if not v]
+    val = [d for d, v in zip(dicts, is_val) if v]
+    _DICTS_CACHE[key] = (train, val)
+    return list(train), list(val)
+
+
+TRAIN_DATASET, VAL_DATASET = "airbus_train", "airbus_val"
+
+
+def register_airbus_datasets(cfg) -> tuple[str, str]:
+    """Register ``airbus_train`` / ``airbus_val`` in detectron2's catalogs (idempotent: re-registers
+    for the given config); returns the names. Nothing is read until a dataset is asked for."""
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    for index, name in enumerate((TRAIN_DATASET, VAL_DATASET)):
+        if name in DatasetCatalog.list():
+            DatasetCatalog.remove(name)
+            MetadataCatalog.remove(name)
+        DatasetCatalog.register(name, lambda index=index: get_train_val_dicts(cfg)[index])
+        MetadataCatalog.get(name).set(thing_classes=["ship"], evaluator_type="coco")
+    return TRAIN_DATASET, VAL_DATASET
+
+
+# ============================================================================ command line
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Kaggle Airbus CSV + images -> dataset dicts, COCO JSON, split; "
+                                                 "synthetic Kaggle-format data.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add_data_args(p, out_required: bool):
+        p.add_argument("--csv", required=True, help="Kaggle ImageId,EncodedPixels CSV")
+        p.add_argument("--images", required=True, help="folder of the CSV's images")
+        p.add_argument("--image-size", type=int, default=KAGGLE_SHAPE[0], help="side of the tiles (px)")
+        p.add_argument("--check-images", choices=CHECK_MODES, default="off",
+                       help="check that each file exists, decodes and has the size: stop, or skip and report")
+        p.add_argument("--overlaps", choices=OVERLAP_MODES, default="warn",
+                       help="ground-truth masks that share pixels: warn, error, or set them to background")
+        p.add_argument("--out", required=out_required, help="output file")
+
+    add_data_args(sub.add_parser("dicts", help="build and validate dataset dicts; print a summary"), False)
+    add_data_args(sub.add_parser("coco", help="write a COCO instances JSON"), True)
+    split = sub.add_parser("split", help="overlap-aware train/val split, written as a CSV")
+    add_data_args(split, True)
+    split.add_argument("--val-fraction", type=float, default=0.1)
+    split.add_argument("--seed", type=int, default=42)
+    synth = sub.add_parser("synth", help="generate a synthetic dataset in Kaggle's layout")
+    synth.add_argument("--out", required=True, help="folder to write train_v2/, test_v2/ and the CSVs into")
+    synth.add_argument("--n-train", type=int, default=400)
+    synth.add_argument("--n-test", type=int, default=100)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--empty-fraction", type=float, default=0.78)
+    synth.add_argument("--image-size", type=int, default=KAGGLE_SHAPE[0])
+    synth.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out")
+    return parser
+
+
+def main(args: argparse.Namespace):
+    import pandas as pd
+
+    from module_config import atomic_path
+
+    if args.command == "synth":
+        import module_synthetic
+
+        paths = module_synthetic.generate_dataset(args.out, args.n_train, args.n_test, seed=args.seed,
+                                                  empty_fraction=args.empty_fraction, image_size=args.image_size,
+                                                  overwrite=args.overwrite)
+        for name, path in paths.items():
+            print(f"{name}: {path}")
+        return paths
+    report: dict = {}
+    dicts = load_dataset_dicts(args.csv, args.images, check_images=args.check_images, image_size=args.image_size,
+                               overlaps=args.overlaps, report=report)
+    n_ships = np.array([len(d["annotations"]) for d in dicts])
+    print(f"{len(dicts)} images, {int(n_ships.sum())} ships, {np.mean(n_ships == 0):.1%} ship-free, "
+          f"{len(report['skipped'])} skipped, {len(report['overlaps'])} overlapping mask pairs")
+    for path, problem in report["skipped"].items():
+        print(f"skipped {path}: {problem}")
+    if args.command == "coco":
+        print(f"wrote {save_coco_json(dicts, args.out)}")
+    elif args.command == "split":
+        groups = group_overlapping_tiles(compute_block_signatures([d["file_name"] for d in dicts]))
+        is_val = assign_folds(groups, n_ships, args.val_fraction, args.seed)
+        frame = pd.DataFrame({"ImageId": [d["image_id"] for d in dicts], "fold": np.where(is_val, "val", "train"),
+                              "group": groups, "n_ships": n_ships})
+        with atomic_path(args.out) as tmp:
+            frame.to_csv(tmp, index=False)
+        print(f"{int((~is_val).sum())} train / {int(is_val.sum())} val images, {int(groups.max()) + 1 if len(groups) else 0} "
+              f"overlap groups; wrote {args.out}")
+    return dicts
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    main(get_args_parser().parse_args())
