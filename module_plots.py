@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from pathlib import Path
 from typing import Sequence
 
@@ -228,3 +229,124 @@ def show_image(path: str | os.PathLike):
     from IPython.display import Image
 
     return Image(filename=str(path))
+
+
+STAGE_FOLDER = re.compile(r"^stage(\d+)_(\d+)$")  # module_train's runs/<run>/detector/stage<i>_<size>
+
+
+def read_stage_metrics(detector_dir: str | os.PathLike) -> dict[str, pd.DataFrame]:
+    """Each stage's ``metrics.json`` under ``detector_dir``, by stage name, in stage order.
+
+    Folders an earlier run was moved to (``stage1_256.old-<time>``) and stages without a
+    ``metrics.json`` yet are left out.
+    """
+    stages = []
+    for folder in Path(detector_dir).glob("stage*"):
+        match = STAGE_FOLDER.match(folder.name)
+        if match and folder.is_dir() and (folder / "metrics.json").is_file():
+            stages.append((int(match.group(1)), folder))
+    return {folder.name: read_detectron2_metrics(folder / "metrics.json") for _, folder in sorted(stages)}
+
+
+def read_validation_metrics(detector_dir: str | os.PathLike) -> pd.DataFrame:
+    """The validation hook's ``val_metrics.jsonl``: one row per evaluation, of the latest run only.
+
+    The file is appended to across runs; a stage's latest run starts where its iteration goes
+    down again, and only those rows are kept. Columns as written by module_train (``stage``,
+    ``input_size``, ``iteration``, ``f2``, ``f2_ships``, ``f2_empty``, ``f2_all_empty_baseline``,
+    ...), sorted by stage and iteration.
+    """
+    path = Path(detector_dir) / "val_metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    frame = pd.DataFrame(rows)
+    if not len(frame):
+        return frame
+    keep = []
+    for _, part in frame.groupby("stage", sort=True):
+        restarts = np.flatnonzero(np.diff(part["iteration"].to_numpy()) <= 0)
+        keep.append(part.iloc[restarts[-1] + 1:] if len(restarts) else part)
+    return pd.concat(keep).sort_values(["stage", "iteration"]).reset_index(drop=True)
+
+
+def plot_validation_f2(records: pd.DataFrame) -> Figure:
+    """Validation F2 (all images, images with ships, ship-free images) over the stages laid end to
+    end, against the all-empty baseline (the score of predicting no ship anywhere)."""
+    fig = Figure(figsize=(10, 3.8), layout="constrained")
+    ax = fig.subplots()
+    if not len(records):
+        ax.text(0.5, 0.5, "no validation results yet", ha="center", va="center", transform=ax.transAxes)
+        ax.axis("off")
+        return fig
+    offsets, offset = {}, 0
+    for stage, part in records.groupby("stage", sort=True):
+        offsets[stage] = offset
+        offset += int(part["iteration"].max()) + 1
+    x = records["iteration"] + records["stage"].map(offsets)
+    for column, label, style in (("f2", "F2, all images", "-o"), ("f2_ships", "F2, images with ships", "-s"),
+                                 ("f2_empty", "F2, ship-free images", "-^")):
+        if column in records:
+            ax.plot(x, records[column], style, label=label, markersize=4)
+    if "f2_all_empty_baseline" in records:
+        ax.axhline(float(records["f2_all_empty_baseline"].iloc[-1]), color="gray", linestyle="--",
+                   label="all-empty baseline")
+    for stage, start in offsets.items():
+        size = records.loc[records["stage"] == stage, "input_size"].iloc[0]
+        ax.axvline(start, color="gray", linewidth=0.6, linestyle=":")
+        ax.annotate(f"stage {stage}: {size} px", (start, 1.0), xytext=(3, -12), textcoords="offset points",
+                    fontsize=8, color="dimgray")
+    ax.set(xlabel="iteration (stages end to end)", ylabel="validation F2", ylim=(-0.02, 1.05),
+           title=f"detector on the validation split (score threshold and min area of SUBMIT.*), "
+                 f"{int(records['n_images'].iloc[-1]) if 'n_images' in records else '?'} images")
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def _read_rle_rows(table: str | os.PathLike | pd.DataFrame) -> dict[str, list[str]]:
+    """ImageId -> its non-blank Kaggle RLE strings, from an ``ImageId,EncodedPixels`` CSV or frame."""
+    frame = table if isinstance(table, pd.DataFrame) else pd.read_csv(table, dtype=str, keep_default_na=False)
+    frame = frame.fillna("")
+    return {image_id: [r for r in rows if r.strip()] for image_id, rows in frame.groupby("ImageId", sort=True)["EncodedPixels"]}
+
+
+def plot_submission_overlays(submission: str | os.PathLike | pd.DataFrame, image_dir: str | os.PathLike,
+                             truth: str | os.PathLike | pd.DataFrame | None = None, count: int = 8,
+                             columns: int = 4) -> Figure:
+    """Predicted masks of a submission (red fill) over their images, true ships outlined in green.
+
+    Shown: images with true or predicted ships first (in ImageId order), then up to a quarter
+    ship-free ones. With ``truth`` each title gives the image's competition F2. Masks are decoded
+    from the Kaggle RLE by ``module_preprocessing.rle_decode`` at each image's own size.
+    """
+    from module_metric import f2_image
+    from module_preprocessing import rle_decode
+    from skimage.segmentation import find_boundaries
+
+    predicted = _read_rle_rows(submission)
+    true = _read_rle_rows(truth) if truth is not None else {}
+    busy = [i for i in predicted if predicted[i] or true.get(i)]
+    quiet = [i for i in predicted if i not in set(busy)]
+    n_quiet = min(len(quiet), max(count // 4, count - len(busy)))
+    chosen = busy[:count - n_quiet] + quiet[:n_quiet]
+    columns = max(1, min(columns, len(chosen)))
+    rows = max(1, math.ceil(len(chosen) / columns))
+    fig = Figure(figsize=(3.2 * columns, 3.5 * rows), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(rows, columns, squeeze=False)).ravel()
+    for ax in axes:
+        ax.axis("off")
+    for ax, image_id in zip(axes, chosen):
+        image = _read_rgb(Path(image_dir) / image_id)
+        shape = image.shape[:2]
+        canvas = image.astype(np.float32) / 255.0
+        for rle in predicted[image_id]:
+            mask = rle_decode(rle, shape).astype(bool)
+            canvas[mask] = 0.5 * canvas[mask] + 0.5 * SHIP_COLOUR
+        for rle in true.get(image_id, []):
+            canvas[find_boundaries(rle_decode(rle, shape).astype(bool), mode="outer")] = OUTLINE_COLOUR
+        ax.imshow(canvas)
+        title = f"{image_id}: {len(predicted[image_id])} predicted"
+        if truth is not None:
+            title += f", {len(true.get(image_id, []))} true\nF2 {f2_image(true.get(image_id, []), predicted[image_id], shape):.2f}"
+        ax.set_title(title, fontsize=8)
+    fig.suptitle("submission: prediction red fill" + (", ground truth green outline" if truth is not None else ""))
+    return fig

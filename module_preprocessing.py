@@ -141,7 +141,8 @@ def _coco_counts(tokens: np.ndarray, n_pixels: int) -> np.ndarray:
     counts[1:-1:2] = tokens[1::2]
     counts[2:-1:2] = tokens[2::2] - tokens[:-2:2] - tokens[1:-2:2]
     counts[-1] = n_pixels + 1 - tokens[-2] - tokens[-1]
-    return counts
+    # pycocotools ends on the last run when the mask ends on a ship pixel: no trailing 0
+    return counts[:-1] if counts[-1] == 0 else counts
 
 
 def rle_decode(rle: str, shape: tuple[int, int] = KAGGLE_SHAPE, *, image_id: str | None = None,
@@ -812,34 +813,46 @@ _KEY_CELLS = 4  # ... and bucketed by a coarse 4x4 grid of them
 _KEY_STEP = 6.0  # grey levels per bucket of the coarse key (two grids, offset by half a step)
 # Blocks match when their 8x8 signatures differ by at most this on average (grey levels). Blocks
 # two Kaggle tiles share decode identically (0.0); at 256 px the synthetic scenes' thirds fall
-# between pixels and differ by ~0.3; distinct blocks of the real sample differ by >= 1.1.
-_MATCH_TOLERANCE = 0.5
-_MIN_BLOCK_STD = 2.0  # flatter blocks (open sea, cloud) match anything: they never join tiles
+# on other pixels than the JPEG blocks and differ by ~0.1; distinct blocks of the real sample
+# (std >= 1) differ by >= 1.08.
+_MATCH_TOLERANCE = 0.3
+_MIN_BLOCK_STD = 1.0  # flatter blocks (open sea, cloud) match anything: they never join tiles
 SHIP_COUNT_STRATA = (0, 1, 2, 4, 7)  # stratum lower bounds of an image's ship count
 
 
 def block_signatures(path: str | os.PathLike, grid: int = BLOCK_GRID) -> np.ndarray:
     """``(grid*grid, 8, 8)`` float32 mean grey levels of each block of the tile, row-major blocks.
 
-    Decoded at a quarter of the size through JPEG's DCT scaling (``Image.draft``), which is
-    block-local like the encoding itself, so blocks two tiles share give the same numbers. A
+    Blocks start every ``round(side / grid)`` px (256 at 768 px: Kaggle's tile offsets), so a
+    block two tiles share covers the same scene pixels in both. Decoded at up to a quarter of the
+    size through JPEG's DCT scaling (``Image.draft``) when the block offset divides by it; that
+    scaling is block-local like the encoding itself, so shared blocks give the same numbers. A
     margin of 1/16 of the block is left out on each side: JPEG's chroma upsampling there reads
     pixels of the neighbouring block, which differ between the tiles.
     """
     from PIL import Image
 
     with Image.open(path) as image:
-        image.draft("L", (image.width // 4, image.height // 4))
+        side = min(image.size)
+        step = int(round(side / grid))
+        reduce = next(r for r in (4, 2, 1) if r == 1 or (step % r == 0 and step // r >= 2 * _SIGNATURE_CELLS))
+        image.draft("L", (image.width // reduce, image.height // reduce))
         grey = np.asarray(image.convert("L"), dtype=np.float32)
-    height, width = grey.shape
-    bh, bw = height // grid, width // grid
-    cell_h, cell_w = max((bh - 2 * (bh // 16)) // _SIGNATURE_CELLS, 1), max((bw - 2 * (bw // 16)) // _SIGNATURE_CELLS, 1)
+    step //= reduce
+    length = min(step, min(grey.shape) - (grid - 1) * step)  # the same size for every block
+    if length < _SIGNATURE_CELLS:  # tiny test tiles: repeat pixels up to one per cell
+        factor = -(-_SIGNATURE_CELLS // length)
+        grey = grey.repeat(factor, axis=0).repeat(factor, axis=1)
+        step, length = step * factor, length * factor
+    margin = length // 16
+    cell = (length - 2 * margin) // _SIGNATURE_CELLS
+    inset = (length - cell * _SIGNATURE_CELLS) // 2
     out = np.empty((grid * grid, _SIGNATURE_CELLS, _SIGNATURE_CELLS), np.float32)
+    span = cell * _SIGNATURE_CELLS
     for b in range(grid * grid):
-        top = (b // grid) * bh + (bh - cell_h * _SIGNATURE_CELLS) // 2
-        left = (b % grid) * bw + (bw - cell_w * _SIGNATURE_CELLS) // 2
-        crop = grey[top:top + cell_h * _SIGNATURE_CELLS, left:left + cell_w * _SIGNATURE_CELLS]
-        out[b] = crop.reshape(_SIGNATURE_CELLS, cell_h, _SIGNATURE_CELLS, cell_w).mean(axis=(1, 3))
+        top, left = (b // grid) * step + inset, (b % grid) * step + inset
+        crop = grey[top:top + span, left:left + span]
+        out[b] = crop.reshape(_SIGNATURE_CELLS, cell, _SIGNATURE_CELLS, cell).mean(axis=(1, 3))
     return out
 
 
@@ -980,8 +993,8 @@ def _layout_hint(input_dir: Path, missing: Path) -> str:
     nested = [p for p in input_dir.iterdir() if p.is_dir() and (p / missing.name).exists()]
     if nested:
         hints.append(f"it is inside {nested[0]}: point PATHS.INPUT_DIR there, or move its contents up")
-    stem = missing.name.replace("_v2", "").split(".")[0]
-    similar = [n for n in names if n != missing.name and stem in n]
+    wanted = {missing.name, missing.name.replace("_v2", "")}  # v1 of the competition had no _v2
+    similar = [n for n in names if n != missing.name and (n in wanted or n.removesuffix(".zip") in wanted)]
     if similar:
         hints.append(f"found {', '.join(similar[:3])} instead (unzip it, or rename it to {missing.name})")
     if not hints:
@@ -989,13 +1002,14 @@ def _layout_hint(input_dir: Path, missing: Path) -> str:
     return "; ".join(hints)
 
 
-def prepare_input(cfg) -> Path:
+def prepare_input(cfg, test: bool = True) -> Path:
     """Check ``PATHS.INPUT_DIR`` holds Kaggle's layout (generating synthetic data first if the config
     says so); returns the folder. Raises ``FileNotFoundError`` naming what is missing and how to fix it.
 
     With ``SYNTH.ENABLED`` the dataset is generated when absent, and regenerated when the
     ``SYNTH`` settings changed since (only over data this function generated: it leaves a
-    ``synthetic.json`` manifest; a folder without one is never overwritten).
+    ``synthetic.json`` manifest; a folder without one is never overwritten). ``test=False``
+    checks only what training needs (the train CSV and images).
     """
     import json
 
@@ -1019,11 +1033,13 @@ def prepare_input(cfg) -> Path:
         raise FileNotFoundError(
             f"input folder {input_dir} does not exist. Download the data with `kaggle competitions download -c "
             f"airbus-ship-detection` and unzip it into {input_dir}/, or use configs/demo.yaml (synthetic data)")
-    for what, path in layout.items():
+    needed = ("train CSV", "train images", "test images", "sample submission") if test else ("train CSV", "train images")
+    for what in needed:
+        path = layout[what]
         exists = path.is_file() if path.suffix == ".csv" else path.is_dir()
         if not exists:
             raise FileNotFoundError(f"{what} not found: expected {path} ({_layout_hint(path.parent, path)})")
-    for what in ("train images", "test images"):
+    for what in [w for w in needed if w.endswith("images")]:
         if not any(layout[what].glob("*.jpg")):
             raise FileNotFoundError(f"{what}: {layout[what]} holds no .jpg files")
     return input_dir
@@ -1058,7 +1074,7 @@ _DICTS_CACHE: dict[str, tuple[list[dict], list[dict]]] = {}  # fingerprint -> sp
 def get_train_val_dicts(cfg) -> tuple[list[dict], list[dict]]:
     """The run's ``(train_dicts, val_dicts)`` from the config's ``DATA`` keys.
 
-    Reads ``DATA.TRAIN_CSV`` and ``DATA.TRAIN_IMAGES`` under ``PATHS.INPUT_DIR``, checks images
+    First :func:`prepare_input` (so synthetic configs generate their data). Reads ``DATA.TRAIN_CSV`` and ``DATA.TRAIN_IMAGES`` under ``PATHS.INPUT_DIR``, checks images
     per ``DATA.CHECK_IMAGES``, keeps at most ``DATA.MAX_IMAGES``, and splits with
     :func:`split_train_val` (``DATA.VAL_FRACTION``, ``DATA.SPLIT_SEED``). The split is written to
     ``runs/<run>/split.csv`` (atomically) and reused while the CSV and these keys are unchanged,
@@ -1071,10 +1087,9 @@ def get_train_val_dicts(cfg) -> tuple[list[dict], list[dict]]:
 
     from module_config import atomic_path
 
+    prepare_input(cfg, test=False)  # generates synthetic data if the config says so; clear errors on a wrong layout
     layout = _expected_layout(cfg)
     csv_path, image_dir = layout["train CSV"], layout["train images"]
-    if not csv_path.is_file():
-        raise FileNotFoundError(f"train CSV not found: expected {csv_path} (DATA.TRAIN_CSV under PATHS.INPUT_DIR)")
     fingerprint = _split_fingerprint(cfg, csv_path)
     key = json.dumps([fingerprint, str(image_dir.resolve()), int(cfg.DATA.IMAGE_SIZE)], sort_keys=True)
     if key in _DICTS_CACHE:

@@ -90,6 +90,39 @@ def read_scores(run_dir: str | os.PathLike) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def write_scores(run_dir: str | os.PathLike, result, what: str) -> Path | None:
+    """Write the notebook's local score into ``run_dir/scores.json`` (atomically); return its path.
+
+    ``result`` is a ``module_metric.ScoreResult`` (``module_submit.score_report``), or None when
+    the config has no test truth: then a stale ``scores.json`` is removed and nothing is written.
+    Keys: ``f2`` (the competition score), ``what`` (which images), ``all_empty_f2`` (the score of
+    a submission without any ship, the baseline to beat), ``n_images``, and the breakdowns of
+    ``module_metric.score_to_json`` (per IoU threshold, by image type, recall by size, per image).
+    """
+    from module_config import atomic_path
+    from module_metric import score_to_json
+
+    path = Path(run_dir) / SCORES_FILE
+    if result is None:
+        path.unlink(missing_ok=True)
+        return None
+    scores = score_to_json(result)
+    scores = {"f2": scores.pop("f2"), "what": what,
+              "all_empty_f2": float((result.per_image["n_true"] == 0).mean()) if len(result.per_image) else None,
+              **scores}
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(scores, indent=1))
+    return path
+
+
+def add_to_pythonpath(folder: str | os.PathLike) -> None:
+    """Put ``folder`` first on ``$PYTHONPATH`` (once), for the kernels this process starts."""
+    folder = str(folder)
+    parts = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if folder not in parts:
+        os.environ["PYTHONPATH"] = os.pathsep.join([folder, *parts])
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/demo.yaml", help="pipeline config (YAML)")
@@ -107,6 +140,7 @@ def main(args: argparse.Namespace) -> dict:
     """Run the notebook for ``args.config``; return the paths written and the scores."""
     from module_config import get_cfg, get_run_dir
     from module_preprocessing import prepare_input
+    from module_submit import get_submission_dir
 
     started = time.perf_counter()
     cfg = get_cfg(args.config, args.opts)
@@ -116,8 +150,11 @@ def main(args: argparse.Namespace) -> dict:
 
     notebook = run_dir / Path(args.notebook).name
     parameters = {"CONFIG": str(args.config), "OVERRIDES": list(args.opts)}
+    # The kernel runs in the current folder, so that the config's relative paths (runs/...) mean
+    # what they mean here; the project's modules are found through PYTHONPATH.
+    add_to_pythonpath(ROOT)
     try:
-        execute_notebook(args.notebook, notebook, parameters, kernel_name=args.kernel, cwd=ROOT,
+        execute_notebook(args.notebook, notebook, parameters, kernel_name=args.kernel, cwd=Path.cwd(),
                          cell_timeout=args.cell_timeout)
     except NotebookFailed:  # export the failed run too: the HTML shows the traceback in context
         if not args.no_html:
@@ -130,12 +167,15 @@ def main(args: argparse.Namespace) -> dict:
     lines = [f"[run_notebook] done in {minutes:.1f} min."]
     if scores is not None:
         lines.append(f"  local F2 ({scores.get('what', 'test images')}): {scores['f2']:.4f}")
+        if scores.get("all_empty_f2") is not None:
+            lines.append(f"  all-empty baseline F2 (no ship predicted anywhere): {scores['all_empty_f2']:.4f}")
     else:
         lines.append("  no local F2: the config has no DATA.TEST_TRUTH_CSV (Kaggle keeps the test truth).")
     lines += [f"  executed notebook: {notebook}"]
     if html is not None:
         lines.append(f"  HTML report:       {html}")
-    for name, path in (("submission", run_dir / "submission.csv"), ("scores", run_dir / SCORES_FILE)):
+    submission = get_submission_dir(cfg) / "submission.csv"  # where `module_submit.py predict` writes it
+    for name, path in (("submission", submission), ("scores", run_dir / SCORES_FILE)):
         if path.is_file():
             lines.append(f"  {name + ':':<19}{path}")
     lines.append(f"  TensorBoard:       tensorboard --logdir {run_dir}   (then http://localhost:6006)")

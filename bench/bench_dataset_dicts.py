@@ -29,16 +29,7 @@ SUBSET_CSV = REPO.parent / "shared" / "airbus-sample" / "segmentations_subset.cs
 TRAIN_V2_ROWS, TRAIN_V2_IMAGES, TRAIN_V2_SHIP_ROWS = 231_723, 192_556, 81_723
 
 
-def kernel_rle_decode(mask_rle, shape=(768, 768)):
-    """The Kaggle kernels' decoder (baseline): a Python loop over the runs."""
-    s = mask_rle.split()
-    starts, lengths = [np.asarray(x, dtype=int) for x in (s[0:][::2], s[1:][::2])]
-    starts -= 1
-    ends = starts + lengths
-    img = np.zeros(shape[0] * shape[1], dtype=np.uint8)
-    for lo, hi in zip(starts, ends):
-        img[lo:hi] = 1
-    return img.reshape(shape).T
+from kaggle_kernels import kernel_rle_decode  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 
 def make_train_scale_csv(source_csv: str | os.PathLike, out_csv: str | os.PathLike, n_rows: int = TRAIN_V2_ROWS,

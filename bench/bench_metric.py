@@ -32,15 +32,7 @@ SAMPLE = REPO_ROOT.parent / "shared" / "airbus-sample"
 
 
 # ---------------------------------------------------------------- the baseline (public kernels)
-def kernel_rle_decode(mask_rle, shape=(768, 768)):
-    s = mask_rle.split()
-    starts, lengths = [np.asarray(x, dtype=int) for x in (s[0:][::2], s[1:][::2])]
-    starts -= 1
-    ends = starts + lengths
-    img = np.zeros(shape[0] * shape[1], dtype=np.uint8)
-    for lo, hi in zip(starts, ends):
-        img[lo:hi] = 1
-    return img.reshape(shape).T
+from kaggle_kernels import kernel_rle_decode  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 
 def kernel_iou(img_true, img_pred):
