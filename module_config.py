@@ -179,13 +179,31 @@ def get_cfg(config_file: str | os.PathLike | None = None, opts: Sequence[str] = 
     for key in opts[0::2]:
         if not _has_key(cfg, key):
             raise KeyError(f"override {key!r}: no such config key (see module_config.py)")
-    cfg.merge_from_list(list(opts))
+    cfg.merge_from_list(_floats_for_float_keys(cfg, opts))
     if cfg.MODEL.DEVICE == "auto":
         import torch
 
         cfg.MODEL.DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
     cfg.freeze()
     return cfg
+
+
+def _floats_for_float_keys(cfg: CN, opts: Sequence[str]) -> list:
+    """``opts`` with integer literals given to float keys made floats (``SUBMIT.MIN_SCORE 0`` is fine)."""
+    from ast import literal_eval
+
+    out = list(opts)
+    for k in range(0, len(out), 2):
+        value = out[k + 1]
+        current = cfg
+        for part in out[k].split("."):
+            current = current[part]
+        if isinstance(current, float) and isinstance(value, str):
+            with contextlib.suppress(ValueError, SyntaxError):
+                parsed = literal_eval(value)
+                if isinstance(parsed, int) and not isinstance(parsed, bool):
+                    out[k + 1] = float(parsed)
+    return out
 
 
 def _has_key(cfg: CN, dotted: str) -> bool:

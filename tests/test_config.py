@@ -109,3 +109,9 @@ def test_input_paths_resolve_against_input_dir(tmp_path):
     cfg = module_config.get_cfg(None, ["PATHS.INPUT_DIR", str(tmp_path)])
     assert module_config.get_input_path(cfg, cfg.DATA.TRAIN_CSV) == tmp_path / "train_ship_segmentations_v2.csv"
     assert module_config.get_input_path(cfg, "/abs/x.csv") == Path("/abs/x.csv")
+
+
+def test_integer_override_of_a_float_key_is_taken_as_float():
+    cfg = module_config.get_cfg(None, ["SUBMIT.CLASSIFIER_THRESHOLD", "0", "SUBMIT.SCORE_THRESHOLD", "1"])
+    assert cfg.SUBMIT.CLASSIFIER_THRESHOLD == 0.0 and isinstance(cfg.SUBMIT.CLASSIFIER_THRESHOLD, float)
+    assert cfg.SUBMIT.SCORE_THRESHOLD == 1.0
