@@ -157,15 +157,24 @@ def rle_decode(rle: str, shape: tuple[int, int] = KAGGLE_SHAPE, *, image_id: str
     if _is_blank(rle):
         return np.zeros((width, height), np.uint8).T
     tokens = _tokens(rle, image_id, line)
-    counts = _coco_counts(tokens, height * width)
-    values = _ALTERNATING[:counts.size] if counts.size <= _ALTERNATING.size else np.resize(_ALTERNATING, counts.size)
-    try:
-        # One C pass writes every pixel: no zero-fill then a Python loop over the runs.
-        flat = np.repeat(values, counts)  # raises on a negative count (unsorted, overlap, outside)
-    except ValueError:
-        flat = None
-    if flat is None or (counts[1::2] < 1).any():
-        raise RLEError(_explain_bad_runs(tokens, height * width), image_id, line)
+    n_pixels = height * width
+    flat = np.zeros(n_pixels, np.uint8)  # calloc: the floor of any decoder that returns a fresh mask
+    if tokens.size:
+        # Only the span from the first run's start to the last run's end is written, in one C
+        # pass over the counts run, gap, run, gap, ..., run. A negative gap (unsorted or
+        # overlapping runs) makes np.repeat raise; a run past H*W makes the assignment raise.
+        counts = np.empty(tokens.size - 1, np.int64)
+        counts[0::2] = tokens[1::2]
+        counts[1::2] = tokens[2::2] - tokens[0:-2:2] - tokens[1:-2:2]
+        first, end = int(tokens[0]) - 1, int(tokens[-2] + tokens[-1]) - 1
+        values = _ALTERNATING[1:counts.size + 1] if counts.size < _ALTERNATING.size \
+            else np.resize(_ALTERNATING[::-1], counts.size)
+        try:
+            if first < 0 or end > n_pixels or tokens[1::2].min() < 1:
+                raise ValueError
+            flat[first:end] = np.repeat(values, counts)
+        except ValueError:
+            raise RLEError(_explain_bad_runs(tokens, n_pixels), image_id, line) from None
     return flat.reshape(width, height).T
 
 
