@@ -449,13 +449,19 @@ def _predict_batches(learner: Learner, paths: list[Path], batch_size: int, tta: 
     device = next(model.parameters()).device
     views = TTA_FLIP_DIMS if tta else TTA_FLIP_DIMS[:1]
     out = []
-    with torch.inference_mode(), tqdm(total=len(paths), desc="p_ship", unit="img", disable=not progress) as bar:
-        for (batch,) in dl:
-            # Plain tensor: fastai's TensorImage dispatch costs time on every layer.
-            batch = batch.as_subclass(torch.Tensor).to(device)
-            probs = sum(torch.softmax(model(batch.flip(dims) if dims else batch), dim=1)[:, ship] for dims in views)
-            out.append((probs / len(views)).float().cpu())
-            bar.update(len(batch))
+    # channels-last convolutions are ~1.4x faster on CPU (oneDNN) and on tensor-core GPUs; the
+    # learner's model is put back as it was afterwards.
+    model.to(memory_format=torch.channels_last)
+    try:
+        with torch.inference_mode(), tqdm(total=len(paths), desc="p_ship", unit="img", disable=not progress) as bar:
+            for (batch,) in dl:
+                # Plain tensor: fastai's TensorImage dispatch costs time on every layer.
+                batch = batch.as_subclass(torch.Tensor).to(device).contiguous(memory_format=torch.channels_last)
+                probs = sum(torch.softmax(model(batch.flip(dims) if dims else batch), dim=1)[:, ship] for dims in views)
+                out.append((probs / len(views)).float().cpu())
+                bar.update(len(batch))
+    finally:
+        model.to(memory_format=torch.contiguous_format)
     return torch.cat(out).clamp_(0.0, 1.0).numpy()
 
 
