@@ -28,10 +28,10 @@ test: setup system-deps
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 demo: setup
-	$(PY) run_pipeline.py --config configs/demo.yaml
+	$(PY) run_notebook.py --config configs/demo.yaml
 
 run: setup
-	$(PY) run_pipeline.py --config $(CONFIG)
+	$(PY) run_notebook.py --config $(CONFIG)
 
 bench: setup
 	for f in bench/bench_*.py; do echo "== $$f"; $(PY) $$f || exit 1; done

@@ -1,12 +1,13 @@
-"""Pictures for the driver notebook: data overview, ground-truth overlays, split, training curves.
+"""Pictures for the driver notebook: data overview, ground-truth overlays, split, training curves,
+validation F2, submission overlays (and the readers of the training logs they plot).
 
 Every function returns a ``matplotlib.figure.Figure`` built without pyplot, so nothing depends on
 the active backend or leaks open figures: a notebook cell that ends with the call displays it
 (``%matplotlib inline`` registers the formatter), a script can ``fig.savefig(path)``.
 
 Masks here come from the dataset dicts' ``segmentation`` (COCO compressed RLE, decoded by
-pycocotools to ``(H, W)`` uint8 0/1 in image pixel order: row, column). Kaggle RLE strings are
-never decoded here; module_preprocessing is their one home.
+pycocotools to ``(H, W)`` uint8 0/1 in image pixel order: row, column). Kaggle RLE strings (the
+submission overlays) are decoded only by ``module_preprocessing.rle_decode``, their one home.
 
 Importing this module does nothing but define functions.
 """

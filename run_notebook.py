@@ -8,10 +8,15 @@ Steps: resolve the config -> check (or, for synthetic configs, generate) the Kag
 folder with ``module_preprocessing.prepare_input``, so a wrong ``input/`` fails in seconds with
 a clear message instead of inside the notebook -> execute ``module_notebook.ipynb`` through
 papermill with the config path and overrides as its parameters -> export the executed notebook
-to HTML -> print the local F2 and where to look. Into ``runs/<RUN_NAME>/`` go
-``module_notebook.ipynb`` (executed, also when a cell failed: it shows where) and
-``module_notebook.html``, next to what the pipeline writes there itself (submission, scores,
-TensorBoard logs). Both files are written atomically.
+to HTML -> print the local F2 (and the all-empty baseline it must beat) and where to look. Into
+``runs/<RUN_NAME>/`` go ``module_notebook.ipynb`` (executed, also when a cell failed: it shows
+where) and ``module_notebook.html``, next to what the pipeline writes there itself
+(``submission/submission.csv``, ``scores.json``, TensorBoard logs). Both files are written
+atomically. The kernel runs in the current folder, so the config's relative paths mean the same
+to this script and to the notebook.
+
+``scores.json`` is written by the notebook's scoring cell with :func:`write_scores` and read back
+with :func:`read_scores`: its one home is here.
 
 Importing this module does nothing but define functions.
 """
