@@ -13,8 +13,10 @@ Training (``train_detector``) runs the stages of ``DETECTOR.STAGES`` in order, b
 - is validated every ``DETECTOR.EVAL_PERIOD`` iterations and at its end: competition F2
   (``module_metric.f2_masks`` after ``module_preprocessing.resolve_overlaps`` with
   ``SUBMIT.SCORE_THRESHOLD``/``SUBMIT.MIN_AREA``) and COCO AP (pycocotools). Every result is
-  appended to ``runs/<run>/detector/val_metrics.jsonl``; the best weights by F2 over all stages
-  go to ``runs/<run>/detector/model_best.pth`` (with ``model_best.json``: F2, stage, input size).
+  appended to ``runs/<run>/detector/val_metrics.jsonl``; the best weights over all stages by
+  ``DETECTOR.BEST_METRIC`` (default: F2 on the validation images with ships, where the gated
+  detector runs) go to ``runs/<run>/detector/model_best.pth`` (with ``model_best.json``: the
+  metric, its value, F2, stage, input size).
 
 Augmentations (training only, in `ShipDatasetMapper`): resize to the stage size, horizontal
 flip, vertical flip, rotation uniform in +-``DETECTOR.ROTATION_DEG`` degrees (boxes recomputed
@@ -634,12 +636,16 @@ def _json_safe(value):
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
+BEST_METRICS = ("f2_ships", "f2")  # what DETECTOR.BEST_METRIC may name
+
+
 class ValidationHook(HookBase):
     """Every ``DETECTOR.EVAL_PERIOD`` iterations and at the end of a stage: F2 and COCO AP.
 
     Runs on rank 0 (the others wait): writes ``val/*`` scalars and overlays to the event
     storage (TensorBoard, metrics.json), appends a line to ``val_metrics.jsonl`` and saves
-    ``model_best.pth`` (+ ``model_best.json``) when F2 beats the best so far in this run.
+    ``model_best.pth`` (+ ``model_best.json``) when ``DETECTOR.BEST_METRIC`` beats the best so far
+    in this run.
     """
 
     def __init__(self, cfg: CfgNode, stage: Stage, val_dicts: Sequence[dict]):
@@ -682,14 +688,19 @@ class ValidationHook(HookBase):
             f"empty {metrics['f2_empty']:.4f}, all-empty baseline {metrics['f2_all_empty_baseline']:.4f}), "
             f"segm AP {metrics.get('segm_AP', float('nan')):.2f}, {metrics['n_predicted']} masks on {metrics['n_images']} images"
         )
-        best = json.loads(self.best_info_path.read_text()) if self.best_info_path.exists() else {"f2": -1.0}
-        if metrics["f2"] > best["f2"]:
-            info = {"f2": metrics["f2"], "stage": self.stage.index, "input_size": self.stage.size, "iteration": iteration}
+        metric = self.cfg.DETECTOR.BEST_METRIC
+        if not math.isfinite(metrics[metric]):  # e.g. f2_ships on a validation set without ships
+            metric = "f2"
+        best = json.loads(self.best_info_path.read_text()) if self.best_info_path.exists() else {}
+        best.setdefault("value", -1.0)
+        if metrics[metric] > best["value"]:
+            info = {"metric": metric, "value": metrics[metric], "f2": metrics["f2"], "f2_ships": _json_safe(metrics["f2_ships"]),
+                    "stage": self.stage.index, "input_size": self.stage.size, "iteration": iteration}
             with atomic_path(self.best_path) as tmp:
                 torch.save({"model": model.state_dict(), **info}, tmp)
             with atomic_path(self.best_info_path) as tmp:
                 tmp.write_text(json.dumps(info, indent=1))
-            logger.info(f"new best F2 {metrics['f2']:.4f} (was {best['f2']:.4f}): saved {self.best_path}")
+            logger.info(f"new best {metric} {metrics[metric]:.4f} (was {best['value']:.4f}): saved {self.best_path}")
         return metrics
 
     def _put_overlays(self, storage, predictions: Sequence[dict]) -> None:
@@ -929,10 +940,12 @@ def train_detector(cfg: CfgNode, stage: int | None = None, resume: bool = False)
 
     With ``resume``, stages already complete (``model_final.pth`` present) are skipped and the
     current stage continues from its last checkpoint with the same schedule. The best weights
-    by F2 over all stages are ``runs/<run>/detector/model_best.pth``. Works under ``torchrun``
+    by ``DETECTOR.BEST_METRIC`` over all stages are ``runs/<run>/detector/model_best.pth``. Works under ``torchrun``
     (call `init_distributed` first; `main` does).
     """
     stages = get_stages(cfg)
+    if cfg.DETECTOR.BEST_METRIC not in BEST_METRICS:
+        raise ValueError(f"DETECTOR.BEST_METRIC {cfg.DETECTOR.BEST_METRIC!r}: expected one of {BEST_METRICS}")
     selected = stages if stage is None else [get_stage(cfg, stage)]
     resolve_weights(cfg.MODEL.WEIGHTS)  # fail before reading any data
     detector_dir = get_run_dir(cfg) / "detector"

@@ -1,6 +1,7 @@
 """The pipeline config: defaults in one place, strict merging, saved with the run."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -115,3 +116,13 @@ def test_integer_override_of_a_float_key_is_taken_as_float():
     cfg = module_config.get_cfg(None, ["SUBMIT.CLASSIFIER_THRESHOLD", "0", "SUBMIT.SCORE_THRESHOLD", "1"])
     assert cfg.SUBMIT.CLASSIFIER_THRESHOLD == 0.0 and isinstance(cfg.SUBMIT.CLASSIFIER_THRESHOLD, float)
     assert cfg.SUBMIT.SCORE_THRESHOLD == 1.0
+
+
+def test_atomic_path_gives_the_file_umask_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        with module_config.atomic_path(tmp_path / "out.txt") as tmp:
+            tmp.write_text("x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "out.txt").stat().st_mode & 0o777 == 0o644

@@ -92,7 +92,8 @@ def test_train_detector_runs_every_stage_at_its_size(tiny_data, tmp_path):
         assert 0.0 <= r["f2"] <= 1.0 and r["n_images"] == 4 and "segm_AP" in r and "bbox_AP" in r
         assert r["f2_all_empty_baseline"] == pytest.approx(1 - r["n_ship_images"] / 4)
     best = json.loads((detector_dir / "model_best.json").read_text())
-    assert best["f2"] == max(r["f2"] for r in records)
+    assert best["metric"] == "f2_ships" or (best["metric"] == "f2" and all(r["f2_ships"] is None for r in records))
+    assert best["value"] == max(r[best["metric"]] for r in records if r[best["metric"]] is not None)
     best_checkpoint = torch.load(detector_dir / "model_best.pth")
     assert best_checkpoint["input_size"] == best["input_size"]
     assert (detector_dir / "config.yaml").is_file()
@@ -153,6 +154,8 @@ def test_train_detector_errors(tiny_data, tmp_path):
         module_train.train_detector(_cfg(tiny_data, tmp_path, "MODEL.WEIGHTS", str(tmp_path / "missing_weights.pth")))
     with pytest.raises(FileNotFoundError, match="train stage 1 first"):
         module_train.train_detector(_cfg(tiny_data, tmp_path, run="no_stage1"), stage=2)
+    with pytest.raises(ValueError, match="BEST_METRIC 'segm_AP': expected one of"):
+        module_train.train_detector(_cfg(tiny_data, tmp_path, "DETECTOR.BEST_METRIC", "segm_AP"))
     no_ships = make_tiny_dataset(tmp_path / "no_ships", n_train=6, empty_fraction=1.0)
     with pytest.raises(ValueError, match="no image with ships"):
         module_train.train_detector(_cfg(no_ships, tmp_path, run="empty"))
