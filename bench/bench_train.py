@@ -68,6 +68,7 @@ def run_default_trainer(cfg, stage, dicts, out_dir, warmup) -> float:
     model_cfg.defrost()
     model_cfg.OUTPUT_DIR = str(out_dir)
     model_cfg.TEST.EVAL_PERIOD = 0
+    model_cfg.DATASETS.TEST = ()  # DefaultTrainer evaluates them after training: nothing to evaluate
     model_cfg.SOLVER.CHECKPOINT_PERIOD = cfg.SOLVER.CHECKPOINT_PERIOD
     model_cfg.freeze()
 
