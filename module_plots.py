@@ -122,6 +122,17 @@ def overlay_masks(image: np.ndarray, masks: Sequence[np.ndarray], alpha: float =
     return canvas
 
 
+def _image_grid(n_images: int, columns: int, cell_height: float) -> tuple[Figure, np.ndarray]:
+    """A figure of ``n_images`` image cells, ``columns`` wide (fewer if fewer images), axes off."""
+    columns = max(1, min(columns, n_images))
+    rows = max(1, math.ceil(n_images / columns))
+    fig = Figure(figsize=(3.2 * columns, cell_height * rows), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(rows, columns, squeeze=False)).ravel()
+    for ax in axes:
+        ax.axis("off")
+    return fig, axes
+
+
 def plot_ground_truth(dicts: Sequence[dict], count: int = 8, seed: int = 0, columns: int = 4) -> Figure:
     """Ground-truth overlays of ``count`` images, ships-first (up to one in four ship-free), seeded."""
     from pycocotools import mask as mask_util
@@ -133,12 +144,7 @@ def plot_ground_truth(dicts: Sequence[dict], count: int = 8, seed: int = 0, colu
     n_ship = min(len(ship), count - n_free)
     chosen = [ship[k] for k in sorted(rng.choice(len(ship), n_ship, replace=False))] if n_ship else []
     chosen += [free[k] for k in sorted(rng.choice(len(free), n_free, replace=False))] if n_free else []
-    columns = max(1, min(columns, len(chosen)))
-    rows = max(1, math.ceil(len(chosen) / columns))
-    fig = Figure(figsize=(3.2 * columns, 3.4 * rows), layout="constrained")
-    axes = np.atleast_1d(fig.subplots(rows, columns, squeeze=False)).ravel()
-    for ax in axes:
-        ax.axis("off")
+    fig, axes = _image_grid(len(chosen), columns, cell_height=3.4)
     for ax, record in zip(axes, chosen):
         masks = [mask_util.decode(a["segmentation"]) for a in record["annotations"]]
         ax.imshow(overlay_masks(_read_rgb(record["file_name"]), masks))
@@ -329,12 +335,7 @@ def plot_submission_overlays(submission: str | os.PathLike | pd.DataFrame, image
     quiet = [i for i in predicted if i not in set(busy)]
     n_quiet = min(len(quiet), max(count // 4, count - len(busy)))
     chosen = busy[:count - n_quiet] + quiet[:n_quiet]
-    columns = max(1, min(columns, len(chosen)))
-    rows = max(1, math.ceil(len(chosen) / columns))
-    fig = Figure(figsize=(3.2 * columns, 3.5 * rows), layout="constrained")
-    axes = np.atleast_1d(fig.subplots(rows, columns, squeeze=False)).ravel()
-    for ax in axes:
-        ax.axis("off")
+    fig, axes = _image_grid(len(chosen), columns, cell_height=3.5)
     for ax, image_id in zip(axes, chosen):
         image = _read_rgb(Path(image_dir) / image_id)
         shape = image.shape[:2]
