@@ -269,7 +269,6 @@ def kaggle_rle_to_coco(rle: str, shape: tuple[int, int] = KAGGLE_SHAPE, *, image
 def kaggle_rles_to_coco(rles: Sequence[str], shape: tuple[int, int] = KAGGLE_SHAPE, *,
                         image_ids: Sequence[str] | None = None, lines: Sequence[int] | None = None) -> list[dict]:
     """:func:`kaggle_rle_to_coco` for many strings of one ``shape`` (one batched pycocotools call)."""
-    from pycocotools import mask as mask_util
 
     height, width = int(shape[0]), int(shape[1])
     if not len(rles):
@@ -966,17 +965,27 @@ def assign_folds(groups: np.ndarray, ship_counts: np.ndarray, val_fraction: floa
     return is_val_group[groups]
 
 
-def split_train_val(dicts: Sequence[dict], val_fraction: float = 0.1, seed: int = 42,
-                    groups: np.ndarray | None = None) -> tuple[list[dict], list[dict]]:
-    """``(train_dicts, val_dicts)``: an overlap-aware split stratified by ship count, order kept.
+def get_split_table(dicts: Sequence[dict], val_fraction: float, seed: int, groups: np.ndarray | None = None):
+    """The split of ``dicts`` as a DataFrame ``ImageId, fold ("train"/"val"), group, n_ships``, in order.
 
     Tiles that share a 256 px block (:func:`group_overlapping_tiles` on their images, unless
-    ``groups`` is given) always land in the same fold, so validation never sees a ship the
-    model trained on. Deterministic given ``seed``.
+    ``groups`` is given) always land in the same fold (:func:`assign_folds`, stratified by ship
+    count), so validation never sees a ship the model trained on. Deterministic given ``seed``.
     """
+    import pandas as pd
+
     if groups is None:
         groups = group_overlapping_tiles(compute_block_signatures([d["file_name"] for d in dicts]))
-    is_val = assign_folds(groups, np.array([len(d["annotations"]) for d in dicts]), val_fraction, seed)
+    n_ships = np.array([len(d["annotations"]) for d in dicts], np.int64)
+    is_val = assign_folds(groups, n_ships, val_fraction, seed)
+    return pd.DataFrame({"ImageId": [d["image_id"] for d in dicts], "fold": np.where(is_val, "val", "train"),
+                         "group": np.asarray(groups, np.int64), "n_ships": n_ships})
+
+
+def split_train_val(dicts: Sequence[dict], val_fraction: float = 0.1, seed: int = 42,
+                    groups: np.ndarray | None = None) -> tuple[list[dict], list[dict]]:
+    """``(train_dicts, val_dicts)`` of :func:`get_split_table`, order kept."""
+    is_val = (get_split_table(dicts, val_fraction, seed, groups)["fold"] == "val").to_numpy()
     return ([d for d, v in zip(dicts, is_val) if not v], [d for d, v in zip(dicts, is_val) if v])
 
 
@@ -1054,7 +1063,6 @@ def prepare_input(cfg, test: bool = True) -> Path:
     return input_dir
 
 
-_SPLIT_COLUMNS = ["ImageId", "fold", "group", "n_ships"]
 
 
 def _split_fingerprint(cfg, csv_path: Path) -> dict:
@@ -1118,17 +1126,14 @@ def get_train_val_dicts(cfg) -> tuple[list[dict], list[dict]]:
         if saved["ImageId"].tolist() != ids:
             saved = None
     if saved is None:
-        groups = group_overlapping_tiles(compute_block_signatures([d["file_name"] for d in dicts]))
-        n_ships = np.array([len(d["annotations"]) for d in dicts])
-        is_val = assign_folds(groups, n_ships, float(cfg.DATA.VAL_FRACTION), int(cfg.DATA.SPLIT_SEED))
-        saved = pd.DataFrame({"ImageId": ids, "fold": np.where(is_val, "val", "train"), "group": groups,
-                              "n_ships": n_ships})
+        saved = get_split_table(dicts, float(cfg.DATA.VAL_FRACTION), int(cfg.DATA.SPLIT_SEED))
         with atomic_path(split_path) as tmp:
             saved.to_csv(tmp, index=False)
         with atomic_path(meta_path) as tmp:
             tmp.write_text(json.dumps(fingerprint, indent=1))
         logger.info("split %d images into %d train / %d val (%d overlap groups); wrote %s", len(ids),
-                    int((~is_val).sum()), int(is_val.sum()), int(groups.max()) + 1, split_path)
+                    int((saved.fold == "train").sum()), int((saved.fold == "val").sum()), saved.group.nunique(),
+                    split_path)
     is_val = (saved["fold"] == "val").to_numpy()
     train = [d for d, v in zip(dicts, is_val) if not v]
     val = [d for d, v in zip(dicts, is_val) if v]
@@ -1187,8 +1192,6 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace):
-    import pandas as pd
-
     from module_config import atomic_path
 
     if args.command == "synth":
@@ -1211,14 +1214,11 @@ def main(args: argparse.Namespace):
     if args.command == "coco":
         print(f"wrote {save_coco_json(dicts, args.out)}")
     elif args.command == "split":
-        groups = group_overlapping_tiles(compute_block_signatures([d["file_name"] for d in dicts]))
-        is_val = assign_folds(groups, n_ships, args.val_fraction, args.seed)
-        frame = pd.DataFrame({"ImageId": [d["image_id"] for d in dicts], "fold": np.where(is_val, "val", "train"),
-                              "group": groups, "n_ships": n_ships})
+        frame = get_split_table(dicts, args.val_fraction, args.seed)
         with atomic_path(args.out) as tmp:
             frame.to_csv(tmp, index=False)
-        print(f"{int((~is_val).sum())} train / {int(is_val.sum())} val images, {int(groups.max()) + 1 if len(groups) else 0} "
-              f"overlap groups; wrote {args.out}")
+        print(f"{int((frame.fold == 'train').sum())} train / {int((frame.fold == 'val').sum())} val images, "
+              f"{frame.group.nunique()} overlap groups; wrote {args.out}")
     return dicts
 
 

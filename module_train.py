@@ -46,9 +46,7 @@ import json
 import logging
 import math
 import os
-import shutil
 import time
-import weakref
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 from urllib.parse import urlparse
@@ -69,7 +67,7 @@ from detectron2.engine.train_loop import HookBase
 from detectron2.evaluation import COCOEvaluator
 from detectron2.modeling import build_model
 from detectron2.solver import build_lr_scheduler, build_optimizer
-from detectron2.structures import BitMasks, Boxes, Instances
+from detectron2.structures import BitMasks, Instances
 from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
 from detectron2.utils.events import CommonMetricPrinter, JSONWriter, TensorboardXWriter, get_event_storage
