@@ -112,6 +112,42 @@ def test_coco_side_agrees_with_pycocotools(mask):
         np.testing.assert_allclose(mp.rle_bbox(rle, mask.shape), mask_util.toBbox(reference))
 
 
+def _pycocotools_counts(mask: np.ndarray) -> str:
+    return mask_util.encode(np.asfortranarray(mask))["counts"].decode("ascii")
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(1, 24).flatmap(lambda side: st.lists(arrays(np.uint8, (side, side + 3), elements=st.integers(0, 1)),
+                                                        min_size=1, max_size=6)))
+def test_batched_coco_compression_matches_pycocotools(mask_list):
+    # The dataset-dict path compresses every mask of a CSV in one numpy pass (no pycocotools).
+    shape = mask_list[0].shape
+    runs = mp._ParsedRuns([mp.rle_encode(m) for m in mask_list], shape)
+    for mask, coco in zip(mask_list, runs.coco()):
+        if mask.any():
+            assert coco == {"size": list(shape), "counts": _pycocotools_counts(mask)}
+        else:
+            assert coco is None
+
+
+def test_batched_coco_compression_on_edge_masks():
+    # values of 4+ five-bit groups, negative deltas, a mask ending on the last pixel, a full one
+    shape = (1500, 1700)
+    big = np.zeros(shape, np.uint8)
+    big[700:705, 800] = 1
+    big[3, 1650:1690] = 1
+    ends_on_last_pixel = np.zeros(shape, np.uint8)
+    ends_on_last_pixel[-40:, -2:] = 1
+    full = np.ones(shape, np.uint8)
+    tiny = np.zeros(shape, np.uint8)
+    tiny[0, 0] = 1
+    mask_list = [big, ends_on_last_pixel, full, tiny]
+    coco = mp._ParsedRuns([mp.rle_encode(m) for m in mask_list], shape).coco()
+    assert [c["counts"] for c in coco] == [_pycocotools_counts(m) for m in mask_list]
+    for mask, c in zip(mask_list, coco):
+        np.testing.assert_array_equal(mask_util.decode({"size": c["size"], "counts": c["counts"].encode()}), mask)
+
+
 def test_asymmetric_mask_would_fail_if_transposed():
     mask = np.zeros((6, 9), np.uint8)
     mask[1, 2:7] = 1  # a horizontal bar: transposing it gives a different mask
