@@ -133,9 +133,10 @@ def add_airbus_config(cfg: CN) -> CN:
     cfg.SUBMIT.MIN_AREA = 20  # masks smaller than this (px, after overlap removal) are dropped
     cfg.SUBMIT.TTA = False  # flip TTA for the detector, masks merged
     cfg.SUBMIT.BATCH_SIZE = 8  # detector images per forward pass
-    # Grids searched by `module_submit.py tune` on the validation split.
-    cfg.SUBMIT.TUNE_CLASSIFIER_THRESHOLDS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
-    cfg.SUBMIT.TUNE_SCORE_THRESHOLDS = [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
+    # Grids searched by `module_submit.py tune` on the validation split. Classifier threshold 0
+    # is the detector alone (no gate); high score thresholds let it stay silent on doubtful images.
+    cfg.SUBMIT.TUNE_CLASSIFIER_THRESHOLDS = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
+    cfg.SUBMIT.TUNE_SCORE_THRESHOLDS = [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95]
     cfg.SUBMIT.TUNE_MIN_AREAS = [0, 10, 20, 40, 80]
 
     # ---------------------------------------------------------------- detectron2 keys

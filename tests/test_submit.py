@@ -307,6 +307,7 @@ def test_tune_picks_the_known_best_thresholds(tmp_path):
     assert (tmp_path / "runs/t/plots/val_overlays.png").stat().st_size > 0
     saved = yaml.safe_load((out_dir / "thresholds.yaml").read_text())
     assert saved["thresholds"] == {"CLASSIFIER_THRESHOLD": 0.5, "SCORE_THRESHOLD": 0.6, "MIN_AREA": 20}
+    assert saved["detector_alone_f2"] is None  # no classifier threshold 0 in this grid
     # predict picks them up.
     assert module_submit.get_thresholds(cfg)[0] == chosen
 

@@ -108,6 +108,8 @@ def test_tune_on_validation_split_feeds_predict(trained_run, tmp_path, capsys, c
     saved = yaml.safe_load((run_dir / "submission" / "thresholds.yaml").read_text())
     grid = pd.read_csv(run_dir / "submission" / "tune_grid.csv")
     assert len(grid) == 8 and saved["validation_f2"] == pytest.approx(grid["f2"].max())
+    # classifier threshold 0.0 is in this grid: the detector alone is reported
+    assert saved["detector_alone_f2"] == pytest.approx(grid.loc[grid["classifier_threshold"] == 0.0, "f2"].max())
     assert (run_dir / "plots" / "tune_f2.png").is_file() and (run_dir / "plots" / "val_overlays.png").is_file()
     # predict now takes the tuned thresholds, and says so.
     with caplog.at_level(logging.INFO, logger="module_submit"):
