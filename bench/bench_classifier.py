@@ -1,15 +1,16 @@
 #!/usr/bin/env python
 """The ship/no-ship classifier on CPU: what a short training learns, and batched inference speed.
 
-1. Learning: the classifier of ``--config`` (default configs/demo.yaml: ResNet-18 from random
+1. Learning: the classifier of ``--config`` (default configs/demo.yaml: ResNet34 from random
    init at 128 px, one-cycle, on the demo's generated 256 px data, 78% ship-free, split by
-   module_preprocessing) trains as ``make demo`` trains it. Prints the per-epoch curve (losses,
-   accuracy, precision, recall, ROC AUC), the wall time and the validation ROC AUC (goal >= 0.95
-   within 5 minutes).
+   module_preprocessing) trains as ``make demo`` trains it (at ``CLASSIFIER.PRECISION``). Prints
+   the per-epoch curve (losses, accuracy, precision, recall, ROC AUC), the wall time and the
+   validation ROC AUC (goal >= 0.95 within 5 minutes).
 2. Inference at 256 px with ResNet34 (the real default): ``module_classifier.predict_p_ship`` (a
-   test DataLoader, ``--batch-size`` images per forward pass) against a per-image
-   ``learn.predict`` loop (the usual Kaggle usage), same images and weights, in the same run.
-   Goal >= 5x. Both give the same probabilities, which is checked.
+   test DataLoader, ``--batch-size`` images per forward pass) at ``CLASSIFIER.PRECISION`` (default
+   auto: bf16 autocast on a CPU with native bf16) and at fp32, against a per-image
+   ``learn.predict`` loop (the usual Kaggle usage, fp32), same images and weights, in the same run.
+   Goal >= 5x. Prints the max |p difference| of each batched pass against the loop (fp32: ~0).
 
     .venv/bin/python bench/bench_classifier.py [--config configs/demo.yaml] [--n-infer 48] [KEY VALUE ...]
 """
@@ -75,10 +76,17 @@ def main(args: argparse.Namespace) -> dict:
                                               module_classifier.get_loss(infer_cfg, frame), work / "runs" / "bench256")
     learner.model.eval()
     images = sorted(get_input_path(cfg, cfg.DATA.TEST_IMAGES).glob("*.jpg"))[: args.n_infer]
-    module_classifier.predict_p_ship(learner, images[:4], batch_size=4, progress=False)  # warm-up
-    start = time.perf_counter()
-    batched = module_classifier.predict_p_ship(learner, images, batch_size=args.batch_size, progress=False)
-    batched_s = time.perf_counter() - start
+    precision = cfg.CLASSIFIER.PRECISION  # the config's (overrides included), default auto
+    used = module_classifier.resolve_precision(precision, next(learner.model.parameters()).device)
+    batched, batched_s = {}, {}
+    for name, value in (("fp32", "fp32"), (used, precision)):
+        if name in batched:
+            continue  # the config's precision is fp32 too
+        module_classifier.predict_p_ship(learner, images[:4], batch_size=4, progress=False, precision=value)  # warm-up
+        start = time.perf_counter()
+        batched[name] = module_classifier.predict_p_ship(learner, images, batch_size=args.batch_size,
+                                                         progress=False, precision=value)
+        batched_s[name] = time.perf_counter() - start
     ship = list(learner.dls.vocab).index(module_classifier.SHIP)
     looped = []
     with learner.no_bar(), learner.no_logging():
@@ -87,13 +95,20 @@ def main(args: argparse.Namespace) -> dict:
         for image in images:
             looped.append(float(learner.predict(str(image))[2][ship]))
         loop_s = time.perf_counter() - start
-    max_diff = float(np.abs(batched["p_ship"].to_numpy() - np.array(looped)).max())
-    ratio = loop_s / batched_s
-    print(f"inference at 256 px, ResNet34, {len(images)} images, CPU ({torch.get_num_threads()} threads): "
-          f"batched (bs {args.batch_size}) {len(images) / batched_s:.2f} img/s | per-image learn.predict "
-          f"{len(images) / loop_s:.2f} img/s | {ratio:.1f}x (goal >= 5x); max |p difference| {max_diff:.1e}")
-    return {"auc": auc, "train_s": train_s, "batched_ips": len(images) / batched_s,
-            "loop_ips": len(images) / loop_s, "ratio": ratio, "max_diff": max_diff}
+    max_diff = {name: float(np.abs(result["p_ship"].to_numpy() - np.array(looped)).max())
+                for name, result in batched.items()}
+    ratio = loop_s / batched_s[used]
+    print(f"inference at 256 px, ResNet34, {len(images)} images, CPU ({torch.get_num_threads()} threads), "
+          f"CLASSIFIER.PRECISION {precision} -> {used}:")
+    for name in batched:
+        print(f"  batched (bs {args.batch_size}) {name}: {len(images) / batched_s[name]:.2f} img/s, "
+              f"max |p difference| vs learn.predict {max_diff[name]:.1e}")
+    print(f"  per-image learn.predict (fp32): {len(images) / loop_s:.2f} img/s")
+    print(f"  batched {used} vs learn.predict: {ratio:.1f}x (goal >= 5x); batched {used} vs batched fp32: "
+          f"{batched_s['fp32'] / batched_s[used]:.2f}x")
+    return {"auc": auc, "train_s": train_s, "precision": used, "batched_ips": len(images) / batched_s[used],
+            "batched_fp32_ips": len(images) / batched_s["fp32"], "loop_ips": len(images) / loop_s,
+            "ratio": ratio, "max_diff": max_diff[used], "max_diff_fp32": max_diff["fp32"]}
 
 
 if __name__ == "__main__":

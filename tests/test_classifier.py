@@ -132,15 +132,18 @@ def test_training_writes_export_history_report_and_tensorboard(trained):
 def test_export_reload_gives_identical_probabilities(trained, tiny_data, learner):
     from fastai.vision.all import load_learner
 
-    _, export = trained
+    cfg, export = trained
     _, _, val_dicts = tiny_data
     paths = [d["file_name"] for d in val_dicts]
-    first = mc.predict_p_ship(learner, paths, batch_size=3)
+    # fp32: learn.predict below runs fp32, and bf16 differs from it by ~5e-3, not 1e-5.
+    first = mc.predict_p_ship(learner, paths, batch_size=3, precision="fp32")
     assert first["p_ship"].nunique() > 1  # not saturated, so the comparison means something
-    again = mc.predict_p_ship(load_learner(export), paths, batch_size=8)
+    again = mc.predict_p_ship(load_learner(export), paths, batch_size=8, precision="fp32")
     pd.testing.assert_frame_equal(first, again, check_exact=False, rtol=0, atol=1e-6)
     reported = pd.read_csv(export.parent / "val_predictions.csv")  # from the in-memory learner
-    np.testing.assert_allclose(reported["p_ship"], first["p_ship"], atol=1e-6)
+    same_precision = mc.predict_p_ship(learner, paths, batch_size=cfg.CLASSIFIER.BATCH_SIZE,
+                                       precision=cfg.CLASSIFIER.PRECISION)  # as train_classifier predicts
+    np.testing.assert_allclose(reported["p_ship"], same_precision["p_ship"], atol=1e-6)
     # The usual Kaggle call on the exported learner agrees with the batched path.
     _, _, probs = learner.predict(paths[0])
     assert float(probs[1]) == pytest.approx(first["p_ship"].iloc[0], abs=1e-5)
@@ -152,8 +155,9 @@ def test_flip_tta_is_the_mean_over_the_four_flips(tmp_path, learner):
     flips = {"id": pixels, "h": pixels[:, ::-1], "v": pixels[::-1], "hv": pixels[::-1, ::-1]}
     for name, array in flips.items():
         Image.fromarray(np.ascontiguousarray(array)).save(tmp_path / f"{name}.png")  # lossless, 64 px: no resize
-    plain = mc.predict_p_ship(learner, [tmp_path / f"{n}.png" for n in flips], tta=False)
-    tta = mc.predict_p_ship(learner, [tmp_path / "id.png"], tta=True)
+    # fp32: under bf16 a batch of 4 images and four batches of 1 may round differently.
+    plain = mc.predict_p_ship(learner, [tmp_path / f"{n}.png" for n in flips], tta=False, precision="fp32")
+    tta = mc.predict_p_ship(learner, [tmp_path / "id.png"], tta=True, precision="fp32")
     assert plain["p_ship"].nunique() > 1
     assert tta["p_ship"].iloc[0] == pytest.approx(plain["p_ship"].mean(), abs=1e-6)
 
@@ -201,6 +205,143 @@ def test_trains_on_the_real_kaggle_sample(airbus_images, airbus_truth_csv, tmp_p
     predictions = mc.predict_p_ship(learner, [d["file_name"] for d in val_dicts], batch_size=16)
     assert predictions["ImageId"].tolist() == [d["image_id"] for d in val_dicts]
     assert predictions["p_ship"].between(0, 1).all()
+
+
+# ---------------------------------------------------------------- precision
+
+
+def test_bf16_probabilities_are_close_to_fp32(learner, tiny_data):
+    _, train_dicts, val_dicts = tiny_data
+    paths = [d["file_name"] for d in train_dicts + val_dicts]
+    fp32 = mc.predict_p_ship(learner, paths, batch_size=16, tta=True, precision="fp32")
+    bf16 = mc.predict_p_ship(learner, paths, batch_size=16, tta=True, precision="bf16")
+    assert fp32["ImageId"].tolist() == bf16["ImageId"].tolist()
+    for frame in (fp32, bf16):
+        assert frame["p_ship"].dtype == np.float32 and frame["p_ship"].between(0.0, 1.0).all()
+    assert fp32["p_ship"].nunique() > 1
+    np.testing.assert_allclose(bf16["p_ship"], fp32["p_ship"], atol=0.05)
+    assert not (bf16["p_ship"] == fp32["p_ship"]).all()  # bf16 did run
+    auto = mc.predict_p_ship(learner, paths, batch_size=16, tta=True, precision="auto")
+    expected = bf16 if mc.resolve_precision("auto", "cpu") == "bf16" else fp32
+    pd.testing.assert_frame_equal(auto, expected)
+
+
+def test_auto_precision_resolves_per_device(monkeypatch):
+    monkeypatch.setattr(mc, "cpu_has_native_bf16", lambda: True)
+    assert mc.resolve_precision("auto", "cpu") == "bf16"
+    monkeypatch.setattr(mc, "cpu_has_native_bf16", lambda: False)
+    assert mc.resolve_precision("auto", torch.device("cpu")) == "fp32"
+    assert mc.resolve_precision("bf16", "cpu") == "bf16"  # explicit: taken as it is
+    assert mc.resolve_precision("auto", torch.device("cuda")) == "fp16"
+    assert mc.resolve_precision("fp32", "cuda") == "fp32" and mc.resolve_precision("bf16", "cuda") == "bf16"
+    assert mc.resolve_precision("auto", "meta") == "fp32"
+    with mc.autocast_context("fp32", "cpu"):
+        assert not torch.is_autocast_enabled("cpu")
+    with mc.autocast_context("bf16", "cpu"):
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        assert torch.ones(2, 2).mm(torch.ones(2, 2)).dtype == torch.bfloat16
+    assert not torch.is_autocast_enabled("cpu")
+
+
+def test_native_bf16_check_survives_a_missing_op(monkeypatch):
+    def missing():
+        raise RuntimeError("no such op")
+
+    mc.cpu_has_native_bf16.cache_clear()
+    try:
+        monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", missing)
+        assert mc.cpu_has_native_bf16() is False
+        assert mc.resolve_precision("auto", "cpu") == "fp32"
+    finally:
+        monkeypatch.undo()
+        mc.cpu_has_native_bf16.cache_clear()
+
+
+@pytest.mark.parametrize("precision", ["fp16", "FP32", "", "bfloat16"])
+def test_invalid_precision_names_the_key_and_the_choices(learner, tiny_data, tmp_path, precision):
+    _, train_dicts, val_dicts = tiny_data
+    message = rf"CLASSIFIER.PRECISION {precision!r}: expected one of \('auto', 'fp32', 'bf16'\)"
+    with pytest.raises(ValueError, match=message):
+        mc.predict_p_ship(learner, [val_dicts[0]["file_name"]], precision=precision)
+    with pytest.raises(ValueError, match=message):
+        mc.train_classifier(tiny_cfg(tmp_path, "CLASSIFIER.PRECISION", precision), train_dicts, val_dicts)
+    assert not (tmp_path / "runs" / "demo" / "classifier" / "export.pkl").exists()
+
+
+def tiny_fastai_learner(model=None):
+    """A fastai Learner over 16 random 8x8 images, on CPU."""
+    from fastai.data.core import DataLoaders
+    from fastai.vision.all import CrossEntropyLossFlat, Learner
+
+    torch.manual_seed(0)
+    items = list(zip(torch.randn(16, 3, 8, 8), torch.randint(0, 2, (16,))))
+    dls = DataLoaders.from_dsets(items, items[:8], bs=4, device=torch.device("cpu"))
+    model = model or torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1),
+                                         torch.nn.Flatten(), torch.nn.Linear(4, 2))
+    return Learner(dls, model, loss_func=CrossEntropyLossFlat())
+
+
+@pytest.mark.parametrize("precision, expected", [("bf16", torch.bfloat16), ("fp32", torch.float32)])
+def test_training_precision_runs_forward_at_bf16_and_the_rest_at_fp32(precision, expected):
+    from fastai.callback.core import Callback
+
+    seen = {"pred": set(), "loss": set(), "autocast_in_loss": set(), "weights": set(), "grads": set()}
+
+    class EarlyProbe(Callback):
+        order = 5  # before CPUAutocast (order 10) casts the prediction to float32
+
+        def after_pred(self):
+            seen["pred"].add(self.pred.dtype)
+
+    class LateProbe(Callback):
+        order = 20  # after CPUAutocast left autocast
+
+        def after_loss(self):
+            seen["loss"].add(self.loss_grad.dtype)
+            seen["autocast_in_loss"].add(torch.is_autocast_enabled("cpu"))
+
+        def after_backward(self):
+            seen["weights"] |= {p.dtype for p in self.model.parameters()}
+            seen["grads"] |= {p.grad.dtype for p in self.model.parameters()}
+
+    learn = tiny_fastai_learner()
+    with mc.training_precision(learn, precision) as used:
+        learn.fit(1, 1e-2, cbs=[EarlyProbe(), LateProbe()])
+    assert used == precision
+    assert seen["pred"] == {expected}
+    assert seen["loss"] == seen["weights"] == seen["grads"] == {torch.float32}
+    assert seen["autocast_in_loss"] == {False}
+    assert not torch.is_autocast_enabled("cpu")
+    assert not any(isinstance(cb, mc.CPUAutocast) for cb in learn.cbs)  # not exported with the learner
+    assert np.isfinite(learn.recorder.values[-1][0])
+
+
+def test_training_precision_turns_autocast_off_when_a_batch_raises():
+    class Interrupted(torch.nn.Module):  # Ctrl-C in the middle of the third forward pass
+        def __init__(self):
+            super().__init__()
+            self.linear, self.calls = torch.nn.Linear(3 * 8 * 8, 2), 0
+
+        def forward(self, x):
+            self.calls += 1
+            if self.calls == 3:
+                assert torch.is_autocast_enabled("cpu")
+                raise KeyboardInterrupt
+            return self.linear(x.flatten(1))
+
+    learn = tiny_fastai_learner(Interrupted())
+    with pytest.raises(KeyboardInterrupt):
+        with mc.training_precision(learn, "bf16"):
+            learn.fit(1, 1e-2)
+    assert not torch.is_autocast_enabled("cpu")
+    assert not any(isinstance(cb, mc.CPUAutocast) for cb in learn.cbs)
+
+
+def test_training_precision_is_fp32_on_cuda():
+    learn = tiny_fastai_learner()
+    learn.dls.device = torch.device("cuda")  # only read: nothing runs
+    with mc.training_precision(learn, "auto") as used:
+        assert used == "fp32" and not any(isinstance(cb, mc.CPUAutocast) for cb in learn.cbs)
 
 
 # ---------------------------------------------------------------- bad input
