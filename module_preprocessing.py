@@ -271,7 +271,6 @@ def kaggle_rle_to_coco(rle: str, shape: tuple[int, int] = KAGGLE_SHAPE, *, image
 def kaggle_rles_to_coco(rles: Sequence[str], shape: tuple[int, int] = KAGGLE_SHAPE, *,
                         image_ids: Sequence[str] | None = None, lines: Sequence[int] | None = None) -> list[dict]:
     """:func:`kaggle_rle_to_coco` for many strings of one ``shape`` (one batched pycocotools call)."""
-
     height, width = int(shape[0]), int(shape[1])
     if not len(rles):
         return []
@@ -1092,8 +1091,6 @@ def prepare_input(cfg, test: bool = True) -> Path:
         if not any(layout[what].glob("*.jpg")):
             raise FileNotFoundError(f"{what}: {layout[what]} holds no .jpg files")
     return input_dir
-
-
 
 
 def _split_fingerprint(cfg, csv_path: Path) -> dict:

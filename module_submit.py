@@ -637,12 +637,16 @@ def tune(cache: Sequence[TuneImage], cfg, out_dir: str | Path, plots_dir: str | 
                          & (grid["score_threshold"] == cfg.SUBMIT.SCORE_THRESHOLD)
                          & (grid["min_area"] == cfg.SUBMIT.MIN_AREA), "f2"]
     ungated = grid.loc[grid["classifier_threshold"] <= 0, "f2"]  # threshold 0: the detector alone, no gate
+    detector_alone_f2 = float(ungated.max()) if len(ungated) else None
+    all_empty_f2 = float(np.mean([len(c.true_rles) == 0 for c in cache]))
     write_thresholds(out_dir / "thresholds.yaml", chosen, f2, {
         "n_validation_images": len(cache),
         "config_thresholds_f2": float(config_f2.iloc[0]) if len(config_f2) else None,
-        "all_empty_f2": float(np.mean([len(c.true_rles) == 0 for c in cache])),
-        "detector_alone_f2": float(ungated.max()) if len(ungated) else None,
+        "all_empty_f2": all_empty_f2,
+        "detector_alone_f2": detector_alone_f2,
     })
+    logger.info("detector alone (classifier threshold 0): best F2 %s; predicting no ship anywhere: F2 %.4f",
+                "not in the grid" if detector_alone_f2 is None else f"{detector_alone_f2:.4f}", all_empty_f2)
     plot_tune_grid(grid, chosen, plots_dir / "tune_f2.png")
     save_tune_overlays(cache, chosen, plots_dir / "val_overlays.png")
     return chosen, f2, grid
@@ -967,10 +971,6 @@ def _main_tune(args: argparse.Namespace) -> int:
     chosen, f2, grid = tune(cache, cfg, out_dir, plots_dir, progress=not args.no_progress)
     logger.info("chosen on %d validation images: %s -> F2 %.4f; written to %s; plots in %s",
                 len(cache), chosen.as_config(), f2, out_dir / "thresholds.yaml", plots_dir)
-    ungated = grid.loc[grid["classifier_threshold"] <= 0, "f2"]
-    logger.info("detector alone (classifier threshold 0): best F2 %s; predicting no ship anywhere: F2 %.4f",
-                f"{ungated.max():.4f}" if len(ungated) else "not in the grid",
-                np.mean([len(c.true_rles) == 0 for c in cache]))
     print(f"F2 {f2:.6f}")
     return 0
 

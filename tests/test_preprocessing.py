@@ -1,6 +1,7 @@
 """The Kaggle data layer: RLE codec, dataset dicts, COCO export, image checks, split, input layout."""
 from __future__ import annotations
 
+import gc
 import json
 import shutil
 
@@ -69,6 +70,25 @@ def test_bad_row_in_a_csv_names_file_line_and_image(tmp_path):
         mp.load_dataset_dicts(csv, tmp_path / "images")
     text = str(info.value)
     assert str(csv) in text and "line 4" in text and "ImageId c.jpg" in text and "sorted" in text
+    assert gc.isenabled()  # the conversion pauses the garbage collector; an error does not leave it off
+
+
+def test_dataset_dicts_leave_the_garbage_collector_as_they_found_it(tmp_path, monkeypatch):
+    (tmp_path / "images").mkdir()
+    csv = tmp_path / "truth.csv"
+    csv.write_text("ImageId,EncodedPixels\na.jpg,1 3\nb.jpg,\n")
+    seen = []
+    coco = mp._ParsedRuns.coco
+    monkeypatch.setattr(mp._ParsedRuns, "coco", lambda self: seen.append(gc.isenabled()) or coco(self))
+    assert len(mp.load_dataset_dicts(csv, tmp_path / "images")) == 2
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        mp.load_dataset_dicts(csv, tmp_path / "images")
+        assert not gc.isenabled()  # a caller's disabled collector stays disabled
+    finally:
+        gc.enable()
+    assert seen == [False, False]  # paused while the dicts are built
 
 
 def test_csv_with_wrong_header_or_missing_file_is_a_clear_error(tmp_path):
