@@ -24,6 +24,9 @@ TensorBoard event files. The threshold itself is tuned for end-to-end F2 by ``mo
 Precision (``CLASSIFIER.PRECISION``, :func:`resolve_precision`): by default prediction runs under
 bfloat16 autocast on a CPU with native bf16 (1.7-2x faster than fp32) and float16 autocast on
 CUDA; CPU training runs under bf16 autocast too (:func:`training_precision`). ``fp32`` turns it off.
+``int8`` (x86 CPUs) predicts with a statically quantized copy of the model, calibrated on training
+images at the end of training (:func:`calibrate_int8`, stored in the export): the fastest on CPU,
+at some cost in agreement with fp32.
 
 Importing this module does nothing but define functions.
 """
@@ -31,9 +34,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import functools
 import logging
 import os
+import weakref
 from pathlib import Path
 from typing import ContextManager, Iterator, Sequence
 from urllib.parse import urlparse
@@ -78,7 +83,8 @@ CLASSES = [NO_SHIP, SHIP]  # fixed vocab: index 1 is the ship class
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 BAD_IMAGE_POLICIES = ("error", "skip")
 BALANCE_MODES = ("weights", "sampler", "none")
-PRECISIONS = ("auto", "fp32", "bf16")  # CLASSIFIER.PRECISION; see resolve_precision
+PRECISIONS = ("auto", "fp32", "bf16", "int8")  # CLASSIFIER.PRECISION; see resolve_precision
+INT8_ENGINE = "x86"  # PyTorch's int8 CPU backend (fbgemm + oneDNN) whose qconfig int8 models use
 # Flip TTA views, as tensor dims to flip on an (N, C, H, W) batch: identity, horizontal, vertical, both.
 TTA_FLIP_DIMS = [(), (3,), (2,), (2, 3)]
 # Thresholds of the validation report.
@@ -288,18 +294,24 @@ def cpu_has_native_bf16() -> bool:
 
 
 def resolve_precision(precision: str, device: torch.device | str) -> str:
-    """What ``CLASSIFIER.PRECISION`` means on ``device``: ``"fp32"``, ``"bf16"`` or ``"fp16"``.
+    """What ``CLASSIFIER.PRECISION`` means on ``device``: ``"fp32"``, ``"bf16"``, ``"fp16"`` or ``"int8"``.
 
     ``"fp32"`` and ``"bf16"`` are taken as they are (bf16 on a CPU without native bf16 runs, but
     emulated and slower than fp32). ``"auto"``: ``"fp16"`` on CUDA; on CPU ``"bf16"`` when
-    :func:`cpu_has_native_bf16`, else ``"fp32"``; ``"fp32"`` on other devices. Any other value
-    raises ``ValueError`` naming the key and the allowed values.
+    :func:`cpu_has_native_bf16`, else ``"fp32"``; ``"fp32"`` on other devices. ``"int8"`` (the
+    statically quantized model of :func:`calibrate_int8`) is for x86 CPUs only: elsewhere it raises.
+    Any other value raises ``ValueError`` naming the key and the allowed values.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"CLASSIFIER.PRECISION {precision!r}: expected one of {PRECISIONS}")
+    device_type = torch.device(device).type
+    if precision == "int8":
+        if device_type != "cpu" or INT8_ENGINE not in torch.backends.quantized.supported_engines:
+            raise ValueError(f"CLASSIFIER.PRECISION 'int8' runs on x86 CPUs only (PyTorch's {INT8_ENGINE!r} "
+                             f"quantized engine), not on {torch.device(device)} here; use 'auto' instead")
+        return precision
     if precision != "auto":
         return precision
-    device_type = torch.device(device).type
     if device_type == "cuda":
         return "fp16"
     if device_type == "cpu" and cpu_has_native_bf16():
@@ -313,7 +325,7 @@ def autocast_context(precision: str, device: torch.device | str) -> ContextManag
     no-op context for fp32. Ops that autocast keeps in float32 stay float32; outputs of the
     others are in the low dtype, so cast results with ``.float()``."""
     resolved = resolve_precision(precision, device)
-    if resolved == "fp32":
+    if resolved in ("fp32", "int8"):  # an int8 model (int8_model) runs its own dtypes
         return contextlib.nullcontext()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[resolved]
     return torch.autocast(torch.device(device).type, dtype=dtype)
@@ -357,10 +369,13 @@ class CPUAutocast(Callback):
 def training_precision(learn: Learner, precision: str) -> Iterator[str]:
     """Within the block, ``learn``'s fits run at ``precision`` (``CLASSIFIER.PRECISION``) where it
     resolves to bf16 on CPU (:class:`CPUAutocast`; on an AVX512-BF16 CPU about 1.6x faster epochs
-    than fp32, 1.8x per step); elsewhere, CUDA included, training stays float32. Yields the precision
+    than fp32, 1.8x per step); elsewhere, CUDA included, training stays float32; ``"int8"`` (a
+    prediction precision, :func:`calibrate_int8`) trains as ``"auto"`` does. Yields the precision
     training runs at (``"bf16"`` or ``"fp32"``). The callback is gone after the block (the export
     carries none), and autocast is off again even when the fit raises."""
     device = getattr(learn.dls, "device", None) or torch.device("cpu")  # where fastai's fit puts the model
+    if precision == "int8":
+        precision = "auto"  # int8 is for prediction only (calibrate_int8): train as auto would
     if resolve_precision(precision, device) != "bf16" or torch.device(device).type != "cpu":
         yield "fp32"
         return
@@ -370,6 +385,76 @@ def training_precision(learn: Learner, precision: str) -> Iterator[str]:
             yield "bf16"
         finally:
             autocast.close()
+
+
+# ---------------------------------------------------------------- int8
+
+# Converted int8 models, per learner, with the observer statistics they were built from.
+_INT8_MODELS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _prepare_int8(learner: Learner) -> torch.fx.GraphModule:
+    """A float32 CPU copy of ``learner.model`` with FX graph-mode observers inserted: the
+    ``INT8_ENGINE`` default (int8 convolutions and linears with per-channel weights, activations
+    observed by histogram; BatchNorm folded into the convolutions)."""
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import prepare_fx
+
+    model = copy.deepcopy(learner.model).cpu().eval().to(memory_format=torch.contiguous_format)
+    example = torch.zeros(1, 3, 64, 64)  # the body is fully convolutional and the head pools
+    return prepare_fx(model, get_default_qconfig_mapping(INT8_ENGINE), example_inputs=(example,))
+
+
+def calibrate_int8(learner: Learner, image_paths: Sequence[str | os.PathLike], batch_size: int = 64,
+                   progress: bool = True) -> dict:
+    """Calibrate the static int8 quantization of ``learner.model`` on ``image_paths`` (as
+    prediction sees them: no augmentation) and store the observers' statistics (~0.6 MB) on the
+    learner as ``learner.int8_observers``, which ``learn.export`` keeps. Returns them.
+
+    ``CLASSIFIER.PRECISION int8`` then predicts with :func:`int8_model`. Calibrate on a few
+    hundred training images of both classes; calibrate again after training further.
+    """
+    resolve_precision("int8", "cpu")  # an x86 CPU build, or a clear error
+    paths = [str(p) for p in image_paths]
+    if not paths:
+        raise ValueError("calibrate_int8: no calibration images")
+    prepared = _prepare_int8(learner)
+    dl = learner.dls.test_dl(paths, bs=batch_size, num_workers=0, shuffle=False, drop_last=False)
+    with torch.inference_mode(), tqdm(total=len(paths), desc="int8 calibration", unit="img",
+                                      disable=not progress) as bar:
+        for (batch,) in dl:
+            prepared(batch.as_subclass(torch.Tensor).cpu().contiguous(memory_format=torch.channels_last))
+            bar.update(len(batch))
+    learner.int8_observers = {k: v.detach().clone() for k, v in prepared.state_dict().items()
+                              if "activation_post_process" in k}
+    return learner.int8_observers
+
+
+def int8_model(learner: Learner) -> torch.nn.Module:
+    """The int8 CPU model of ``learner`` (built once from ``learner.int8_observers``, then
+    cached): an FX ``GraphModule`` taking and returning what ``learner.model`` does, fastest on
+    channels-last input. Raises ``ValueError`` with the fix when the learner was never calibrated."""
+    from torch.ao.quantization.quantize_fx import convert_fx
+
+    resolve_precision("int8", "cpu")
+    observers = getattr(learner, "int8_observers", None)
+    if not observers:
+        raise ValueError("CLASSIFIER.PRECISION int8: this classifier carries no int8 calibration. Train it "
+                         "with CLASSIFIER.PRECISION int8 (it calibrates on training images before the "
+                         "export), or call module_classifier.calibrate_int8(learner, image_paths)")
+    cached = _INT8_MODELS.get(learner)
+    if cached is not None and cached[0] is observers:
+        return cached[1]
+    prepared = _prepare_int8(learner)
+    unexpected = prepared.load_state_dict(observers, strict=False).unexpected_keys
+    if unexpected:
+        raise ValueError(f"the int8 calibration does not fit this classifier's model (e.g. {unexpected[:2]}): "
+                         "call module_classifier.calibrate_int8(learner, image_paths) again")
+    if torch.backends.quantized.engine != INT8_ENGINE:
+        torch.backends.quantized.engine = INT8_ENGINE
+    model = convert_fx(prepared).eval()
+    _INT8_MODELS[learner] = (observers, model)
+    return model
 
 
 # ---------------------------------------------------------------- training
@@ -413,6 +498,14 @@ def train_classifier(cfg, train_dicts: Sequence[dict], val_dicts: Sequence[dict]
     history = get_history(learn)
     with atomic_path(out_dir / "history.csv") as tmp:
         history.to_csv(tmp, index=False)
+
+    if cfg.CLASSIFIER.PRECISION == "int8":
+        train_files = frame.loc[~frame["is_valid"], "file_name"].to_numpy()
+        rng = np.random.default_rng(cfg.CLASSIFIER.SEED)
+        n = min(cfg.CLASSIFIER.INT8_CALIBRATION_IMAGES, len(train_files))
+        calibration = sorted(rng.choice(train_files, n, replace=False))
+        logger.info("classifier: calibrating int8 on %d training images", n)
+        calibrate_int8(learn, calibration, batch_size=cfg.CLASSIFIER.BATCH_SIZE)
 
     export_path = out_dir / "export.pkl"
     with atomic_path(export_path) as tmp:
@@ -518,14 +611,17 @@ def predict_p_ship(learner: Learner, image_paths: Sequence[str | os.PathLike], b
     ``precision`` (a ``CLASSIFIER.PRECISION`` value, see :func:`resolve_precision`) is that of the
     forward passes; the softmax and the TTA mean are float32. ``"auto"`` is bf16 on a CPU with
     native bf16 (1.7-2x faster than fp32, p_ship within ~0.005 of it) and fp16 on CUDA; pass
-    ``"fp32"`` for probabilities that match ``learner.predict``.
+    ``"fp32"`` for probabilities that match ``learner.predict``. ``"int8"`` (x86 CPU only) runs
+    :func:`int8_model`: fastest, but p_ship moves further from fp32 (see BENCHMARKS.md), and the
+    learner must carry a calibration (:func:`calibrate_int8`), else this raises before any image is read.
     ``on_bad_image``: ``"error"`` raises at the first missing/corrupt file, naming it; ``"skip"``
     leaves missing and unreadable files out, logs them and lists them in ``result.attrs["skipped"]``
     (when a corrupt file stops the batched pass, every image is checked and the pass is redone).
     """
     if on_bad_image not in BAD_IMAGE_POLICIES:
         raise ValueError(f"on_bad_image {on_bad_image!r}: expected one of {BAD_IMAGE_POLICIES}")
-    resolve_precision(precision, "cpu")  # a bad value fails here, before any image is read
+    if resolve_precision(precision, "cpu") == "int8":  # a bad value fails here, before any image is read
+        int8_model(learner)  # ... and so does a missing int8 calibration
     paths = [Path(p) for p in image_paths]
     if not paths:
         raise ValueError("no images to classify")
@@ -564,14 +660,15 @@ def _predict_batches(learner: Learner, paths: list[Path], batch_size: int, tta: 
     ship = list(learner.dls.vocab).index(SHIP)
     dl = learner.dls.test_dl([str(p) for p in paths], bs=batch_size,
                              num_workers=num_workers, shuffle=False, drop_last=False)
-    model = learner.model.eval()
-    device = next(model.parameters()).device
-    logger.debug("p_ship of %d images at %s on %s", len(paths), resolve_precision(precision, device), device)
+    device = next(learner.model.parameters()).device
+    resolved = resolve_precision(precision, device)
+    logger.debug("p_ship of %d images at %s on %s", len(paths), resolved, device)
     views = TTA_FLIP_DIMS if tta else TTA_FLIP_DIMS[:1]
     out = []
-    # channels-last convolutions are ~1.4x faster on CPU (oneDNN) and on tensor-core GPUs; the
-    # learner's model is put back as it was afterwards.
-    model.to(memory_format=torch.channels_last)
+    # channels-last convolutions are ~1.4x faster on CPU (oneDNN) and on tensor-core GPUs (int8
+    # ~1.7x); the learner's model is put back as it was afterwards.
+    float_model = resolved != "int8"
+    model = learner.model.eval().to(memory_format=torch.channels_last) if float_model else int8_model(learner)
     try:
         with torch.inference_mode(), tqdm(total=len(paths), desc="p_ship", unit="img", disable=not progress) as bar:
             for (batch,) in dl:
@@ -583,7 +680,8 @@ def _predict_batches(learner: Learner, paths: list[Path], batch_size: int, tta: 
                 out.append((probs / len(views)).cpu())
                 bar.update(len(batch))
     finally:
-        model.to(memory_format=torch.contiguous_format)
+        if float_model:
+            model.to(memory_format=torch.contiguous_format)
     return torch.cat(out).clamp_(0.0, 1.0).numpy()
 
 

@@ -260,12 +260,60 @@ def test_native_bf16_check_survives_a_missing_op(monkeypatch):
 @pytest.mark.parametrize("precision", ["fp16", "FP32", "", "bfloat16"])
 def test_invalid_precision_names_the_key_and_the_choices(learner, tiny_data, tmp_path, precision):
     _, train_dicts, val_dicts = tiny_data
-    message = rf"CLASSIFIER.PRECISION {precision!r}: expected one of \('auto', 'fp32', 'bf16'\)"
+    message = rf"CLASSIFIER.PRECISION {precision!r}: expected one of \('auto', 'fp32', 'bf16', 'int8'\)"
     with pytest.raises(ValueError, match=message):
         mc.predict_p_ship(learner, [val_dicts[0]["file_name"]], precision=precision)
     with pytest.raises(ValueError, match=message):
         mc.train_classifier(tiny_cfg(tmp_path, "CLASSIFIER.PRECISION", precision), train_dicts, val_dicts)
     assert not (tmp_path / "runs" / "demo" / "classifier" / "export.pkl").exists()
+
+
+def test_int8_is_calibrated_at_training_exported_and_close_to_fp32(tiny_data, tmp_path):
+    _, train_dicts, val_dicts = tiny_data
+    cfg = tiny_cfg(tmp_path, "CLASSIFIER.PRECISION", "int8", "CLASSIFIER.INT8_CALIBRATION_IMAGES", "12")
+    export = mc.train_classifier(cfg, train_dicts, val_dicts)
+    learner = mc.load_classifier(export)
+    observers = learner.int8_observers  # calibrated before the export, and carried by it
+    assert observers and all("activation_post_process" in k for k in observers)
+    paths = [d["file_name"] for d in train_dicts + val_dicts]
+    int8 = mc.predict_p_ship(learner, paths, batch_size=16, tta=True, precision="int8")
+    fp32 = mc.predict_p_ship(learner, paths, batch_size=16, tta=True, precision="fp32")
+    assert int8["ImageId"].tolist() == fp32["ImageId"].tolist()
+    assert int8["p_ship"].dtype == np.float32 and int8["p_ship"].between(0.0, 1.0).all()
+    assert not (int8["p_ship"] == fp32["p_ship"]).all()  # int8 did run
+    np.testing.assert_allclose(int8["p_ship"], fp32["p_ship"], atol=0.1)
+    model = mc.int8_model(learner)
+    assert mc.int8_model(learner) is model  # converted once per learner
+    assert any(isinstance(m, torch.ao.nn.quantized.Conv2d) for m in model.modules())
+    # The validation report was predicted at int8, and a reloaded export predicts the same.
+    reported = pd.read_csv(export.parent / "val_predictions.csv")
+    again = mc.predict_p_ship(mc.load_classifier(export), reported["ImageId"].map(
+        {d["image_id"]: d["file_name"] for d in val_dicts}), batch_size=3, tta=cfg.CLASSIFIER.TTA, precision="int8")
+    np.testing.assert_allclose(reported["p_ship"], again["p_ship"], atol=1e-6)
+
+
+def test_int8_without_calibration_says_how(trained, tiny_data):
+    learner = mc.load_classifier(trained[1])  # trained at the demo's precision: no int8 calibration
+    assert not getattr(learner, "int8_observers", None)
+    with pytest.raises(ValueError, match="carries no int8 calibration.*calibrate_int8"):
+        mc.predict_p_ship(learner, ["no/such/image.jpg"], precision="int8")  # before any image is read
+    _, train_dicts, val_dicts = tiny_data
+    mc.calibrate_int8(learner, [d["file_name"] for d in train_dicts[:8]], batch_size=4, progress=False)
+    p_ship = mc.predict_p_ship(learner, [d["file_name"] for d in val_dicts], precision="int8")
+    assert p_ship["p_ship"].between(0.0, 1.0).all()
+    with pytest.raises(ValueError, match="no calibration images"):
+        mc.calibrate_int8(learner, [])
+
+
+def test_int8_is_for_cpu_only_and_trains_as_auto():
+    assert mc.resolve_precision("int8", "cpu") == "int8"
+    with pytest.raises(ValueError, match="'int8' runs on x86 CPUs only.*not on cuda"):
+        mc.resolve_precision("int8", "cuda")
+    with mc.autocast_context("int8", "cpu"):
+        assert not torch.is_autocast_enabled("cpu")
+    learn = tiny_fastai_learner()
+    with mc.training_precision(learn, "int8") as used:
+        assert used == ("bf16" if mc.resolve_precision("auto", "cpu") == "bf16" else "fp32")
 
 
 def tiny_fastai_learner(model=None):
