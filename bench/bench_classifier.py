@@ -6,11 +6,14 @@
    module_preprocessing) trains as ``make demo`` trains it (at ``CLASSIFIER.PRECISION``). Prints
    the per-epoch curve (losses, accuracy, precision, recall, ROC AUC), the wall time and the
    validation ROC AUC (goal >= 0.95 within 5 minutes).
+   Then the trained classifier's validation ROC AUC at each precision (fp32, bf16, int8 on x86:
+   what lower precision costs), int8 calibrated as training calibrates it.
 2. Inference at 256 px with ResNet34 (the real default): ``module_classifier.predict_p_ship`` (a
-   test DataLoader, ``--batch-size`` images per forward pass) at ``CLASSIFIER.PRECISION`` (default
-   auto: bf16 autocast on a CPU with native bf16) and at fp32, against a per-image
-   ``learn.predict`` loop (the usual Kaggle usage, fp32), same images and weights, in the same run.
-   Goal >= 5x. Prints the max |p difference| of each batched pass against the loop (fp32: ~0).
+   test DataLoader, ``--batch-size`` images per forward pass) at fp32, at ``CLASSIFIER.PRECISION``
+   (default auto: bf16 autocast on a CPU with native bf16) and at int8 (x86 CPUs; calibration not
+   timed), against a per-image ``learn.predict`` loop (the usual Kaggle usage, fp32), same images
+   and weights, in the same run. Goal >= 5x. Prints the max |p difference| of each batched pass
+   against the loop (fp32: ~0).
 
     .venv/bin/python bench/bench_classifier.py [--config configs/demo.yaml] [--n-infer 48] [KEY VALUE ...]
 """
@@ -65,7 +68,8 @@ def main(args: argparse.Namespace) -> dict:
           f"{'pretrained' if c.PRETRAINED else 'random init'} at {c.IMAGE_SIZE} px, {c.EPOCHS} epochs, LR {c.LR}, "
           f"balance {c.BALANCE}: {train_s / 60:.1f} min")
     print(curve.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
-    print(f"validation ROC AUC {auc:.4f} (goal >= 0.95 within 5 min)")
+    print(f"validation ROC AUC {auc:.4f} at CLASSIFIER.PRECISION {c.PRECISION} (goal >= 0.95 within 5 min)")
+    auc_by_precision = validation_auc_by_precision(cfg, export, train_dicts, val_dicts)
 
     # 2. inference at 256 px, ResNet34 (speed does not depend on the weights: random init)
     infer_cfg = get_cfg(REPO_ROOT / "configs" / "demo.yaml", [
@@ -78,10 +82,19 @@ def main(args: argparse.Namespace) -> dict:
     images = sorted(get_input_path(cfg, cfg.DATA.TEST_IMAGES).glob("*.jpg"))[: args.n_infer]
     precision = cfg.CLASSIFIER.PRECISION  # the config's (overrides included), default auto
     used = module_classifier.resolve_precision(precision, next(learner.model.parameters()).device)
+    passes = [("fp32", "fp32"), (used, precision)]
+    if has_int8():
+        start = time.perf_counter()
+        module_classifier.calibrate_int8(learner, module_classifier.get_int8_calibration_paths(infer_cfg, frame),
+                                         batch_size=args.batch_size, progress=False)
+        module_classifier.int8_model(learner)
+        print(f"int8 calibration on {infer_cfg.CLASSIFIER.INT8_CALIBRATION_IMAGES} training images and conversion "
+              f"(not timed below): {time.perf_counter() - start:.1f} s")
+        passes.append(("int8", "int8"))
     batched, batched_s = {}, {}
-    for name, value in (("fp32", "fp32"), (used, precision)):
+    for name, value in passes:
         if name in batched:
-            continue  # the config's precision is fp32 too
+            continue  # the config's precision is one of the others
         module_classifier.predict_p_ship(learner, images[:4], batch_size=4, progress=False, precision=value)  # warm-up
         start = time.perf_counter()
         batched[name] = module_classifier.predict_p_ship(learner, images, batch_size=args.batch_size,
@@ -101,14 +114,48 @@ def main(args: argparse.Namespace) -> dict:
     print(f"inference at 256 px, ResNet34, {len(images)} images, CPU ({torch.get_num_threads()} threads), "
           f"CLASSIFIER.PRECISION {precision} -> {used}:")
     for name in batched:
-        print(f"  batched (bs {args.batch_size}) {name}: {len(images) / batched_s[name]:.2f} img/s, "
-              f"max |p difference| vs learn.predict {max_diff[name]:.1e}")
+        print(f"  batched (bs {args.batch_size}) {name}: {len(images) / batched_s[name]:.2f} img/s "
+              f"({loop_s / batched_s[name]:.1f}x learn.predict), max |p difference| vs learn.predict "
+              f"{max_diff[name]:.1e}")
     print(f"  per-image learn.predict (fp32): {len(images) / loop_s:.2f} img/s")
-    print(f"  batched {used} vs learn.predict: {ratio:.1f}x (goal >= 5x); batched {used} vs batched fp32: "
-          f"{batched_s['fp32'] / batched_s[used]:.2f}x")
-    return {"auc": auc, "train_s": train_s, "precision": used, "batched_ips": len(images) / batched_s[used],
-            "batched_fp32_ips": len(images) / batched_s["fp32"], "loop_ips": len(images) / loop_s,
-            "ratio": ratio, "max_diff": max_diff[used], "max_diff_fp32": max_diff["fp32"]}
+    print(f"  batched {used} (CLASSIFIER.PRECISION {precision}) vs learn.predict: {ratio:.1f}x (goal >= 5x); "
+          f"batched {used} vs batched fp32: {batched_s['fp32'] / batched_s[used]:.2f}x")
+    return {"auc": auc, "auc_by_precision": auc_by_precision, "train_s": train_s, "precision": used,
+            "batched_ips": len(images) / batched_s[used], "batched_fp32_ips": len(images) / batched_s["fp32"],
+            "loop_ips": len(images) / loop_s, "ratio": ratio,
+            "ratios": {name: loop_s / seconds for name, seconds in batched_s.items()},
+            "max_diff": max_diff[used], "max_diff_fp32": max_diff["fp32"]}
+
+
+def has_int8() -> bool:
+    try:
+        return module_classifier.resolve_precision("int8", "cpu") == "int8"
+    except ValueError:  # not an x86 build
+        return False
+
+
+def validation_auc_by_precision(cfg, export: Path, train_dicts: list, val_dicts: list) -> dict:
+    """The exported classifier's validation ROC AUC (flip TTA per CLASSIFIER.TTA) at fp32, at bf16
+    (on a CPU with native bf16) and at int8 (x86: calibrated as training calibrates it), with the
+    max |p_ship difference| of each against fp32. Prints them; returns {precision: AUC}."""
+    learner = module_classifier.load_classifier(export)
+    precisions = ["fp32"] + ["bf16"] * module_classifier.cpu_has_native_bf16() + ["int8"] * has_int8()
+    if "int8" in precisions and not getattr(learner, "int8_observers", None):
+        frame = module_classifier.get_label_frame(train_dicts, val_dicts)
+        module_classifier.calibrate_int8(learner, module_classifier.get_int8_calibration_paths(cfg, frame),
+                                         batch_size=cfg.CLASSIFIER.BATCH_SIZE, progress=False)
+    has_ship = np.array([bool(d["annotations"]) for d in val_dicts])
+    p_ship = {name: module_classifier.predict_p_ship(learner, [d["file_name"] for d in val_dicts],
+                                                     batch_size=cfg.CLASSIFIER.BATCH_SIZE, tta=cfg.CLASSIFIER.TTA,
+                                                     progress=False, precision=name)["p_ship"].to_numpy()
+              for name in precisions}
+    aucs = {name: module_classifier.roc_auc_or_nan(has_ship, p) for name, p in p_ship.items()}
+    print(f"validation ({has_ship.sum()} ship / {(~has_ship).sum()} ship-free images) by precision:")
+    for name, p in p_ship.items():
+        changed = int(((p >= 0.5) != (p_ship["fp32"] >= 0.5)).sum())
+        print(f"  {name}: ROC AUC {aucs[name]:.4f}, max |p_ship - fp32| {np.abs(p - p_ship['fp32']).max():.4f}, "
+              f"{changed} decision(s) at 0.5 differ from fp32")
+    return aucs
 
 
 if __name__ == "__main__":
