@@ -275,26 +275,9 @@ def get_arch(name: str, pretrained: bool):
 def build_learner(cfg, dls, loss_func, path: Path) -> Learner:
     """``vision_learner`` with ``CLASSIFIER.ARCH``; outputs (export) go to ``path``."""
     arch = get_arch(cfg.CLASSIFIER.ARCH, cfg.CLASSIFIER.PRETRAINED)
-    learn = vision_learner(dls, arch, normalize=False,  # get_augmentations normalizes
-                           pretrained=cfg.CLASSIFIER.PRETRAINED, loss_func=loss_func,
-                           metrics=get_metrics(), path=path)
-    if not cfg.CLASSIFIER.PRETRAINED:
-        zero_init_residuals(learn.model)
-    return learn
-
-
-def zero_init_residuals(model: torch.nn.Module) -> int:
-    """Zero the last BatchNorm scale of every torchvision residual block, so that each block
-    starts as the identity (torchvision's ``zero_init_residual``, Goyal et al. 2017): a randomly
-    initialised ResNet then trains stably at high learning rates. Returns the number of blocks."""
-    blocks = 0
-    for module in model.modules():
-        last_bn = {torchvision.models.resnet.BasicBlock: "bn2",
-                   torchvision.models.resnet.Bottleneck: "bn3"}.get(type(module))
-        if last_bn:
-            torch.nn.init.zeros_(getattr(module, last_bn).weight)
-            blocks += 1
-    return blocks
+    return vision_learner(dls, arch, normalize=False,  # get_augmentations normalizes
+                          pretrained=cfg.CLASSIFIER.PRETRAINED, loss_func=loss_func,
+                          metrics=get_metrics(), path=path)
 
 
 # ---------------------------------------------------------------- precision

@@ -207,24 +207,6 @@ def test_trains_on_the_real_kaggle_sample(airbus_images, airbus_truth_csv, tmp_p
     assert predictions["p_ship"].between(0, 1).all()
 
 
-def test_random_init_starts_every_residual_block_as_the_identity(tiny_data, tmp_path):
-    import torchvision
-
-    _, train_dicts, val_dicts = tiny_data
-    cfg = tiny_cfg(tmp_path)
-    frame = mc.get_label_frame(train_dicts, val_dicts)
-    learn = mc.build_learner(cfg, mc.build_dataloaders(cfg, frame), mc.get_loss(cfg, frame), tmp_path)
-    blocks = [m for m in learn.model.modules() if isinstance(m, torchvision.models.resnet.BasicBlock)]
-    assert len(blocks) == 3 + 4 + 6 + 3  # ResNet34
-    assert all((b.bn2.weight == 0).all() and (b.bn1.weight == 1).all() for b in blocks)
-    block = blocks[5].eval()  # layer2's third block: no downsampling, so it starts as relu(x + 0)
-    assert block.downsample is None
-    x = torch.randn(1, block.conv1.in_channels, 8, 8)
-    torch.testing.assert_close(block(x), torch.relu(x))
-    stem = next(m for m in learn.model.modules() if isinstance(m, torch.nn.BatchNorm2d))
-    assert (stem.weight == 1).all()  # only the blocks' last BatchNorm is zeroed
-
-
 # ---------------------------------------------------------------- precision
 
 
