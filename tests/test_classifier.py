@@ -290,6 +290,14 @@ def test_int8_is_calibrated_at_training_exported_and_close_to_fp32(tiny_data, tm
     again = mc.predict_p_ship(mc.load_classifier(export), reported["ImageId"].map(
         {d["image_id"]: d["file_name"] for d in val_dicts}), batch_size=3, tta=cfg.CLASSIFIER.TTA, precision="int8")
     np.testing.assert_allclose(reported["p_ship"], again["p_ship"], atol=1e-6)
+    # ... and so does the command line with the same override.
+    root, out = Path(val_dicts[0]["file_name"]).parent, tmp_path / "p_ship_int8.csv"
+    mc.main(mc.get_args_parser().parse_args(
+        ["predict", "--config", str(DEMO_CONFIG), "--images", str(root), "--out", str(out), "--no-tta",
+         "--model", str(export), "CLASSIFIER.NUM_WORKERS", "0", "CLASSIFIER.PRECISION", "int8"]))
+    cli = pd.read_csv(out).set_index("ImageId")["p_ship"]
+    direct = mc.predict_p_ship(learner, [root / name for name in cli.index], precision="int8")
+    np.testing.assert_allclose(cli.to_numpy(), direct["p_ship"], atol=1e-5)  # the CSV keeps 6 decimals
 
 
 def test_int8_without_calibration_says_how(trained, tiny_data):
