@@ -84,7 +84,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 BAD_IMAGE_POLICIES = ("error", "skip")
 BALANCE_MODES = ("weights", "sampler", "none")
 PRECISIONS = ("auto", "fp32", "bf16", "int8")  # CLASSIFIER.PRECISION; see resolve_precision
-INT8_ENGINE = "x86"  # PyTorch's int8 CPU backend (fbgemm + oneDNN) whose qconfig int8 models use
+INT8_ENGINE = "x86"  # PyTorch's quantized CPU engine (fbgemm + oneDNN): runs int8 models, names their qconfig
 # Flip TTA views, as tensor dims to flip on an (N, C, H, W) batch: identity, horizontal, vertical, both.
 TTA_FLIP_DIMS = [(), (3,), (2,), (2, 3)]
 # Thresholds of the validation report.

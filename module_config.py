@@ -100,7 +100,7 @@ def add_airbus_config(cfg: CN) -> CN:
     # on a CPU without native bf16 it runs, emulated and slower.
     # "int8" (x86 CPUs only): prediction through a statically quantized copy (FX graph mode, int8
     # convolutions), calibrated on INT8_CALIBRATION_IMAGES training images at the end of training
-    # and stored in the export; training itself runs as "auto". ~2x faster than bf16 here, but
+    # and stored in the export; training itself runs as "auto". ~1.8x faster than bf16 here, but
     # p_ship strays further from fp32 (BENCHMARKS.md).
     cfg.CLASSIFIER.PRECISION = "auto"
     cfg.CLASSIFIER.INT8_CALIBRATION_IMAGES = 256  # training images (seeded sample) that calibrate int8
