@@ -85,7 +85,9 @@ def add_airbus_config(cfg: CN) -> CN:
     cfg.CLASSIFIER.EPOCHS = 4  # one-cycle epochs
     cfg.CLASSIFIER.LR = 1e-3  # one-cycle maximum learning rate
     # Handling of the ~78% ship-free images: "weights" (class-weighted loss), "sampler"
-    # (balanced sampling), or "none".
+    # (balanced sampling, with replacement: half of each batch ship tiles), or "none". From random
+    # init on generated data the sampler learns far more per epoch (configs/demo.yaml uses it;
+    # BENCHMARKS.md); for pretrained weights on Kaggle's data both are untested here.
     cfg.CLASSIFIER.BALANCE = "weights"
     cfg.CLASSIFIER.TTA = True  # flip TTA at prediction time
     cfg.CLASSIFIER.NUM_WORKERS = 4  # data-loader workers

@@ -195,6 +195,20 @@ def test_cli_trains_on_generated_data(tmp_path):
     assert predictions["p_ship"].between(0, 1).all()
 
 
+@pytest.mark.parametrize("balance, ship_share", [("sampler", 0.5), ("weights", 1 / 3)])
+def test_balanced_sampler_draws_half_ship_tiles_and_leaves_validation_alone(tiny_data, tmp_path, balance,
+                                                                             ship_share):
+    _, train_dicts, val_dicts = tiny_data  # a third of the tiles hold a ship
+    cfg = tiny_cfg(tmp_path, "CLASSIFIER.BALANCE", balance)
+    frame = mc.get_label_frame(train_dicts, val_dicts)
+    dls = mc.build_dataloaders(cfg, frame)
+    labels = dls.train.items["label"].to_numpy()
+    drawn = np.concatenate([labels[list(dls.train.get_idxs())] for _ in range(100)])  # 100 epochs of 24
+    assert len(drawn) == 100 * len(train_dicts)
+    assert abs((drawn == mc.SHIP).mean() - ship_share) < 0.05
+    assert sorted(dls.valid.get_idxs()) == list(range(len(val_dicts)))  # every validation tile, once
+
+
 def test_trains_on_the_real_kaggle_sample(airbus_images, airbus_truth_csv, tmp_path):
     preprocessing = pytest.importorskip("module_preprocessing")
     dicts = preprocessing.load_dataset_dicts(airbus_truth_csv, airbus_images)
