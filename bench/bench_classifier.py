@@ -74,8 +74,9 @@ def main(args: argparse.Namespace) -> dict:
           f"balance {c.BALANCE}: {train_s / 60:.1f} min")
     print(curve.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     print(f"validation ROC AUC {auc:.4f} at CLASSIFIER.PRECISION {c.PRECISION} (goal >= 0.95 within 5 min)")
-    holdout = holdout_auc(cfg, export, work / "holdout", args.holdout) if args.holdout and cfg.SYNTH.ENABLED else None
-    auc_by_precision = validation_auc_by_precision(cfg, export, train_dicts, val_dicts)
+    trained = module_classifier.load_classifier(export)  # as make demo's later steps load it
+    holdout = holdout_auc(cfg, trained, work / "holdout", args.holdout) if args.holdout and cfg.SYNTH.ENABLED else None
+    auc_by_precision = validation_auc_by_precision(cfg, trained, train_dicts, val_dicts)
 
     # 2. inference at 256 px, ResNet34 (speed does not depend on the weights: random init)
     infer_cfg = get_cfg(REPO_ROOT / "configs" / "demo.yaml", [
@@ -140,8 +141,15 @@ def has_int8() -> bool:
         return False
 
 
-def holdout_auc(cfg, export: Path, out: Path, n: int) -> float:
-    """ROC AUC of the exported classifier (at CLASSIFIER.PRECISION, flip TTA per CLASSIFIER.TTA) on
+def predict(cfg, learner, paths: list, precision: str) -> np.ndarray:
+    """p_ship of ``paths`` as the pipeline predicts them (flip TTA per CLASSIFIER.TTA), at ``precision``."""
+    return module_classifier.predict_p_ship(learner, paths, batch_size=cfg.CLASSIFIER.BATCH_SIZE,
+                                            tta=cfg.CLASSIFIER.TTA, progress=False,
+                                            precision=precision)["p_ship"].to_numpy()
+
+
+def holdout_auc(cfg, learner, out: Path, n: int) -> float:
+    """ROC AUC of the trained classifier (at CLASSIFIER.PRECISION, flip TTA per CLASSIFIER.TTA) on
     ``n`` tiles generated like the training data but with another seed (SYNTH.SEED + 1): other
     scenes, so nothing overlaps the training tiles. Prints it; the tiles are kept in ``out`` and
     reused by a later run with the same settings."""
@@ -158,31 +166,25 @@ def holdout_auc(cfg, export: Path, out: Path, n: int) -> float:
         manifest.write_text(json.dumps(wanted))
     has_ship = pd.read_csv(paths["train_csv"]).groupby("ImageId", sort=True)["EncodedPixels"].agg(
         lambda rles: rles.notna().any())
-    p_ship = module_classifier.predict_p_ship(module_classifier.load_classifier(export),
-                                              [paths["train_images"] / i for i in has_ship.index],
-                                              batch_size=cfg.CLASSIFIER.BATCH_SIZE, tta=cfg.CLASSIFIER.TTA,
-                                              progress=False, precision=cfg.CLASSIFIER.PRECISION)
-    auc = module_classifier.roc_auc_or_nan(has_ship.to_numpy(), p_ship["p_ship"].to_numpy())
+    p_ship = predict(cfg, learner, [paths["train_images"] / i for i in has_ship.index], cfg.CLASSIFIER.PRECISION)
+    auc = module_classifier.roc_auc_or_nan(has_ship.to_numpy(), p_ship)
     print(f"hold-out ROC AUC {auc:.4f} on {len(has_ship)} independent generated tiles ({int(has_ship.sum())} with "
           f"ships, SYNTH.SEED {cfg.SYNTH.SEED + 1}) (goal >= 0.95)")
     return auc
 
 
-def validation_auc_by_precision(cfg, export: Path, train_dicts: list, val_dicts: list) -> dict:
-    """The exported classifier's validation ROC AUC (flip TTA per CLASSIFIER.TTA) at fp32, at bf16
-    (on a CPU with native bf16) and at int8 (x86: calibrated as training calibrates it), with the
-    max |p_ship difference| of each against fp32. Prints them; returns {precision: AUC}."""
-    learner = module_classifier.load_classifier(export)
+def validation_auc_by_precision(cfg, learner, train_dicts: list, val_dicts: list) -> dict:
+    """The trained classifier's validation ROC AUC (flip TTA per CLASSIFIER.TTA) at fp32, at bf16
+    (on a CPU with native bf16) and at int8 (x86: calibrated as training calibrates it, when the
+    export carries no calibration), with the max |p_ship difference| of each against fp32. Prints
+    them; returns {precision: AUC}."""
     precisions = ["fp32"] + ["bf16"] * module_classifier.cpu_has_native_bf16() + ["int8"] * has_int8()
     if "int8" in precisions and not getattr(learner, "int8_observers", None):
         frame = module_classifier.get_label_frame(train_dicts, val_dicts)
         module_classifier.calibrate_int8(learner, module_classifier.get_int8_calibration_paths(cfg, frame),
                                          batch_size=cfg.CLASSIFIER.BATCH_SIZE, progress=False)
     has_ship = np.array([bool(d["annotations"]) for d in val_dicts])
-    p_ship = {name: module_classifier.predict_p_ship(learner, [d["file_name"] for d in val_dicts],
-                                                     batch_size=cfg.CLASSIFIER.BATCH_SIZE, tta=cfg.CLASSIFIER.TTA,
-                                                     progress=False, precision=name)["p_ship"].to_numpy()
-              for name in precisions}
+    p_ship = {name: predict(cfg, learner, [d["file_name"] for d in val_dicts], name) for name in precisions}
     aucs = {name: module_classifier.roc_auc_or_nan(has_ship, p) for name, p in p_ship.items()}
     print(f"validation ({has_ship.sum()} ship / {(~has_ship).sum()} ship-free images) by precision:")
     for name, p in p_ship.items():
