@@ -34,7 +34,7 @@ import gc
 import logging
 import os
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -56,12 +56,15 @@ class RLEError(ValueError):
         super().__init__(f"{prefix}: {message}" if prefix else message)
 
 
+_ASCII_SPACE = " \t\n\v\f\r"  # what separates tokens (C's isspace); other Unicode spaces are errors
+
+
 def _is_blank(rle) -> bool:
     if rle is None:
         return True
     if isinstance(rle, float):  # pandas reads a blank EncodedPixels as NaN
         return rle != rle
-    return isinstance(rle, str) and not rle.strip()
+    return isinstance(rle, str) and not rle.strip(_ASCII_SPACE)
 
 
 def _explain_bad_runs(tokens: np.ndarray, n_pixels: int) -> str:
@@ -88,17 +91,20 @@ def _explain_bad_runs(tokens: np.ndarray, n_pixels: int) -> str:
     return "invalid runs"
 
 
-_RLE_CHARS = str.maketrans("", "", "0123456789 \t\r\n")  # deleting these leaves only bad chars
+_RLE_CHARS = str.maketrans("", "", "0123456789" + _ASCII_SPACE)  # deleting these leaves only bad chars
 
 
 def _tokens(rle: str, image_id=None, line=None, csv_path=None) -> np.ndarray:
     """The integers of ``rle`` (int64), or an RLEError naming the first bad token."""
     if not isinstance(rle, str):
         raise RLEError(f"expected a str, got {type(rle).__name__}", image_id, line, csv_path)
-    if rle.translate(_RLE_CHARS):  # anything but digits and whitespace ("1.5", "-3", "1,2", "1+2")
+    leftover = rle.translate(_RLE_CHARS)
+    if leftover:  # anything but digits and ASCII whitespace ("1.5", "-3", "1,2", "1+2")
         for k, token in enumerate(rle.split()):
             if not (token.isascii() and token.isdigit()):
                 raise RLEError(f"token {k + 1} {token[:20]!r} is not a positive integer", image_id, line, csv_path)
+        raise RLEError(f"character {leftover[0]!r} between the tokens; expected digits separated by spaces",
+                       image_id, line, csv_path)
     tokens = np.fromstring(rle, dtype=np.int64, sep=" ")  # C parser
     if tokens.size % 2:
         raise RLEError(f"odd number of tokens ({tokens.size}); expected 'start length' pairs",
@@ -110,7 +116,7 @@ def parse_rle(rle: str, shape: tuple[int, int] = KAGGLE_SHAPE, *, image_id: str 
               line: int | None = None, csv_path=None) -> tuple[np.ndarray, np.ndarray]:
     """Validated runs of a Kaggle RLE: ``(starts, lengths)``, int64, **0-indexed** column-major starts.
 
-    ``""``, whitespace, ``None`` and NaN are the empty mask (two empty arrays). Raises
+    ``""``, ASCII whitespace, ``None`` and NaN are the empty mask (two empty arrays). Raises
     :class:`RLEError` (a ``ValueError``) for an odd token count, a non-integer token, start < 1,
     length < 1, a run past ``H*W``, or runs that are unsorted or overlap; ``image_id``, ``line``
     and ``csv_path`` only go into the message.
@@ -131,20 +137,6 @@ def parse_rle(rle: str, shape: tuple[int, int] = KAGGLE_SHAPE, *, image_id: str 
 
 
 _ALTERNATING = np.tile(np.array([0, 1], np.uint8), 4096)  # 0,1,0,1... values of the run counts
-
-
-def _coco_counts(tokens: np.ndarray, n_pixels: int) -> np.ndarray:
-    """Uncompressed COCO counts ``[zeros, ones, zeros, ..., zeros]`` from 1-indexed start/length pairs."""
-    counts = np.empty(tokens.size + 1, np.int64)
-    if tokens.size == 0:
-        counts[0] = n_pixels
-        return counts
-    counts[0] = tokens[0] - 1
-    counts[1:-1:2] = tokens[1::2]
-    counts[2:-1:2] = tokens[2::2] - tokens[:-2:2] - tokens[1:-2:2]
-    counts[-1] = n_pixels + 1 - tokens[-2] - tokens[-1]
-    # pycocotools ends on the last run when the mask ends on a ship pixel: no trailing 0
-    return counts[:-1] if counts[-1] == 0 else counts
 
 
 def rle_decode(rle: str, shape: tuple[int, int] = KAGGLE_SHAPE, *, image_id: str | None = None,
@@ -262,7 +254,8 @@ def kaggle_rle_to_coco(rle: str, shape: tuple[int, int] = KAGGLE_SHAPE, *, image
     """Kaggle RLE -> COCO compressed RLE ``{"size": [H, W], "counts": str}``, built from the runs.
 
     Both formats are column-major, so the uncompressed COCO counts are the gaps and lengths of
-    the runs; pycocotools compresses them in C. No mask is built.
+    the runs; they are compressed as pycocotools does (byte-identical), in compiled code. No mask
+    is built. Blank is the empty mask.
     """
     return kaggle_rles_to_coco([rle], shape, image_ids=None if image_id is None else [image_id],
                                lines=None if line is None else [line])[0]
@@ -270,30 +263,10 @@ def kaggle_rle_to_coco(rle: str, shape: tuple[int, int] = KAGGLE_SHAPE, *, image
 
 def kaggle_rles_to_coco(rles: Sequence[str], shape: tuple[int, int] = KAGGLE_SHAPE, *,
                         image_ids: Sequence[str] | None = None, lines: Sequence[int] | None = None) -> list[dict]:
-    """:func:`kaggle_rle_to_coco` for many strings of one ``shape`` (one batched pycocotools call)."""
-    height, width = int(shape[0]), int(shape[1])
+    """:func:`kaggle_rle_to_coco` for many strings of one ``shape``, parsed and compressed in one pass."""
     if not len(rles):
         return []
-    uncompressed = []
-    for k, rle in enumerate(rles):
-        image_id = image_ids[k] if image_ids is not None else None
-        line = lines[k] if lines is not None else None
-        starts, lengths = parse_rle(rle, shape, image_id=image_id, line=line)
-        tokens = np.empty(2 * starts.size, np.int64)
-        tokens[0::2], tokens[1::2] = starts + 1, lengths
-        uncompressed.append({"size": [height, width], "counts": _coco_counts(tokens, height * width)})
-    return _compress_counts(uncompressed, height, width)
-
-
-def _compress_counts(uncompressed: list[dict], height: int, width: int) -> list[dict]:
-    """Uncompressed COCO RLEs of one ``height`` x ``width`` -> compressed ``{"size", "counts": str}``.
-
-    pycocotools' C encoder, one call for all of them (a numpy port of it measured 2x slower).
-    """
-    from pycocotools import mask as mask_util
-
-    encoded = mask_util.frPyObjects(uncompressed, height, width)
-    return [{"size": [height, width], "counts": e["counts"].decode("ascii")} for e in encoded]
+    return _ParsedRuns(rles, shape, image_ids, lines).coco(empty=True)
 
 
 def _coco_string_to_counts(counts: str | bytes) -> np.ndarray:
@@ -407,122 +380,90 @@ def read_segmentation_csv(csv_path: str | os.PathLike):
     return frame
 
 
+def _kernels():
+    """:mod:`module_rle_kernels` (numba), imported on first use: about half a second once per process."""
+    import module_rle_kernels
+
+    return module_rle_kernels
+
+
 class _ParsedRuns:
-    """Every run of a list of Kaggle RLE strings, parsed and validated at once (flat numpy arrays).
+    """Every run of many Kaggle RLE strings (or of a whole CSV), parsed and validated in one compiled pass.
 
     ``starts`` (0-indexed, column-major) and ``lengths`` of all runs, row by row; ``n_runs[i]`` runs
-    belong to string ``i``; ``offsets[i]`` is the index of its first run.
+    belong to row ``i``; ``offsets[i]`` is the index of its first run. This constructor takes a
+    list of strings (blank, ``None`` and NaN are empty masks); :meth:`from_runs` takes runs that
+    :func:`module_rle_kernels.scan_rows` read from a CSV. A row the compiled scanner rejects goes
+    to :func:`parse_rle`, which raises the error naming it.
     """
 
     def __init__(self, rles: Sequence[str], shape: tuple[int, int], image_ids: Sequence[str] | None = None,
                  lines: Sequence[int] | None = None, csv_path=None):
-        self.shape = (int(shape[0]), int(shape[1]))
-        n_pixels = self.shape[0] * self.shape[1]
         where = lambda k: dict(image_id=image_ids[k] if image_ids is not None else None,  # noqa: E731
                                line=lines[k] if lines is not None else None, csv_path=csv_path)
-        rles = [rle.strip() if isinstance(rle, str) else ("" if _is_blank(rle) else rle) for rle in rles]
-        tokens, n_tokens = self._tokens(rles) if all(isinstance(r, str) for r in rles) else (None, None)
-        if tokens is None:  # unusual text: let the per-string parser find and name the culprit
-            for k, rle in enumerate(rles):
-                parse_rle(rle, self.shape, **where(k))
-            raise RLEError("unparsable EncodedPixels column", csv_path=csv_path)
-        odd = np.flatnonzero(n_tokens % 2)
-        if odd.size:
-            parse_rle(rles[odd[0]], self.shape, **where(int(odd[0])))
-        self.n_runs = n_tokens // 2
-        self.offsets = np.concatenate([[0], np.cumsum(self.n_runs)[:-1]]).astype(np.int64)
-        starts1, self.lengths = tokens[0::2], tokens[1::2]
-        self.starts = starts1 - 1
-        ends = self.starts + self.lengths
-        first = np.zeros(self.starts.size, np.bool_)
-        first[self.offsets[self.n_runs > 0]] = True
-        previous_end = np.empty_like(ends)
-        previous_end[1:] = ends[:-1]
-        previous_end[first] = 0
-        self.gaps = self.starts - previous_end  # >= 0: start >= 1, sorted, no overlap
-        bad = (self.gaps < 0) | (self.lengths < 1) | (ends > n_pixels)
-        if bad.any():
-            row = int(np.searchsorted(self.offsets + self.n_runs, np.flatnonzero(bad)[0], side="right"))
-            parse_rle(rles[row], self.shape, **where(row))
-            raise RLEError("invalid runs", **where(row))  # parse_rle raised already; kept for safety
+        texts = list(rles)
+        for k, rle in enumerate(texts):
+            if not isinstance(rle, str):
+                if not _is_blank(rle):
+                    parse_rle(rle, shape, **where(k))  # raises: not a str
+                texts[k] = ""
+        joined = "\n".join(texts) + "\n" if texts else ""
+        if joined.count("\n") != len(texts):  # newlines inside a string: whitespace, as parse_rle reads them
+            texts = [t.replace("\n", " ") for t in texts]
+            joined = "\n".join(texts) + "\n"
+        kernels = _kernels()
+        n_pixels = int(shape[0]) * int(shape[1])
+        status, row, *_, n_runs, starts, lengths = kernels.scan(
+            np.frombuffer(joined.encode("utf-8"), np.uint8), False, n_pixels)
+        if status != kernels.OK:
+            parse_rle(texts[row], shape, **where(row))
+            raise RLEError("invalid EncodedPixels (rejected by the compiled scanner)", **where(row))
+        self._set(shape, n_runs, starts, lengths)
 
-    @staticmethod
-    def _tokens(rles: Sequence[str]) -> tuple[np.ndarray | None, np.ndarray | None]:
-        """All integers of ``rles`` (one C parse of the joined text) and the token count of each string.
+    @classmethod
+    def from_runs(cls, shape: tuple[int, int], n_runs: np.ndarray, starts: np.ndarray,
+                  lengths: np.ndarray) -> "_ParsedRuns":
+        runs = cls.__new__(cls)
+        runs._set(shape, n_runs, starts, lengths)
+        return runs
 
-        Counting spaces is exact for Kaggle's text (single spaces, digits); anything else (tabs,
-        double spaces, signs, a non-digit) makes the counts disagree with the parse and returns
-        ``(None, None)``, so that the strict per-string parser can name the culprit.
-        """
-        n_tokens = np.array([rle.count(" ") + 1 if rle else 0 for rle in rles], np.int64)
-        joined = " ".join(rle for rle in rles if rle)
-        if "  " in joined or (joined and (joined[0] == " " or joined[-1] == " ")):
-            return None, None
-        try:
-            tokens = np.fromstring(joined, dtype=np.int64, sep=" ") if joined else np.zeros(0, np.int64)
-        except ValueError:
-            return None, None
-        if tokens.size != n_tokens.sum():
-            return None, None
-        return tokens, n_tokens
+    def _set(self, shape, n_runs, starts, lengths):
+        self.shape = (int(shape[0]), int(shape[1]))
+        self.n_runs, self.starts, self.lengths = n_runs, starts, lengths
+        self.offsets = np.zeros(n_runs.size, np.int64)
+        np.cumsum(n_runs[:-1], out=self.offsets[1:])
+        self._summary = None
+
+    def _summarise(self):
+        """``(bbox, area, counts)`` of every row, from one compiled pass (computed once)."""
+        if self._summary is None:
+            bbox, area, chars = _kernels().summarise(self.starts, self.lengths, self.n_runs, *self.shape)
+            self._summary = bbox, area, chars.tobytes().decode("ascii").split("\n")[:-1]
+        return self._summary
 
     def bboxes(self) -> np.ndarray:
         """``(N, 4)`` float64 ``[x, y, w, h]`` of each string's mask (pycocotools' ``toBbox``); 0 if empty."""
-        if getattr(self, "_bboxes", None) is None:
-            self._bboxes = self._compute_bboxes()
-        return self._bboxes
-
-    def _compute_bboxes(self) -> np.ndarray:
-        height = self.shape[0]
-        out = np.zeros((self.n_runs.size, 4))
-        nonempty = np.flatnonzero(self.n_runs > 0)
-        if not nonempty.size:
-            return out
-        col0, row0 = np.divmod(self.starts, height)
-        col1, row1 = np.divmod(self.starts + self.lengths - 1, height)
-        wraps = col1 > col0  # a run over a column's bottom edge spans rows 0..H-1 of the box
-        row0 = np.where(wraps, 0, row0)
-        row1 = np.where(wraps, height - 1, row1)
-        at = self.offsets[nonempty]
-        xmin, xmax = np.minimum.reduceat(col0, at), np.maximum.reduceat(col1, at)
-        ymin, ymax = np.minimum.reduceat(row0, at), np.maximum.reduceat(row1, at)
-        out[nonempty] = np.stack([xmin, ymin, xmax - xmin + 1, ymax - ymin + 1], axis=1)
-        return out
+        return self._summarise()[0]
 
     def areas(self) -> np.ndarray:
-        out = np.zeros(self.n_runs.size, np.int64)
-        nonempty = np.flatnonzero(self.n_runs > 0)
-        if nonempty.size:
-            out[nonempty] = np.add.reduceat(self.lengths, self.offsets[nonempty])
-        return out
+        """``(N,)`` int64 pixel count of each string's mask."""
+        return self._summarise()[1]
 
-    def coco(self) -> list[dict | None]:
-        """COCO compressed RLE of each string (None for empty), compressed by pycocotools in one call."""
+    def coco_counts(self, rows: np.ndarray | None = None) -> list[str]:
+        """COCO compressed counts strings of ``rows`` (all rows by default), byte for byte what
+        pycocotools' encoder writes (an empty mask is the single count H*W)."""
+        counts = self._summarise()[2]
+        return list(counts) if rows is None else [counts[k] for k in rows.tolist()]
+
+    def coco(self, empty: bool = False) -> list[dict | None]:
+        """COCO compressed RLE ``{"size": [H, W], "counts": str}`` of each row; ``None`` for an empty
+        mask unless ``empty``."""
         height, width = self.shape
-        nonempty = np.flatnonzero(self.n_runs > 0)
-        out: list[dict | None] = [None] * self.n_runs.size
-        if not nonempty.size:
-            return out
-        # Uncompressed counts of a string are [gap, length, gap, length, ..., tail], the tail (the
-        # background after the last run) left out when 0, as pycocotools does: for run j of the
-        # k-th nonempty string, gap at 2j + k, length at 2j + k + 1 (all runs belong to nonempty ones).
-        n_runs = self.n_runs[nonempty]
-        run_owner = np.repeat(np.arange(nonempty.size), n_runs)
-        counts = np.empty(2 * self.starts.size + nonempty.size, np.uint32)
-        position = 2 * np.arange(self.starts.size) + run_owner
-        counts[position] = self.gaps
-        counts[position + 1] = self.lengths
-        last = self.offsets[nonempty] + n_runs - 1
-        stop = 2 * np.cumsum(n_runs) + np.arange(nonempty.size) + 1  # one past each string's counts
-        tail = height * width - (self.starts[last] + self.lengths[last])
-        counts[stop - 1] = tail
-        stop_used = stop - (tail == 0)  # pycocotools' own encoder writes no zero tail
-        size = [height, width]
-        bounds = zip((stop - 2 * n_runs - 1).tolist(), stop_used.tolist())
-        encoded = _compress_counts([{"size": size, "counts": counts[a:b]} for a, b in bounds], height, width)
-        for k, e in zip(nonempty.tolist(), encoded):
-            out[k] = e
-        return out
+        counts = self.coco_counts()
+        if empty:
+            return [{"size": [height, width], "counts": c} for c in counts]
+        return [None if m == 0 else {"size": [height, width], "counts": c}
+                for c, m in zip(counts, self.n_runs.tolist())]
 
 
 # ============================================================================ image checks
@@ -584,102 +525,130 @@ OVERLAP_MODES = ("warn", "error", "background")
 def _gc_paused():
     """Pause Python's cyclic garbage collector while building many small acyclic objects.
 
-    A train_v2 CSV becomes ~300k dicts and lists; every 700 allocations the collector would
+    A train_v2 CSV becomes ~700k dicts and lists; every 700 allocations the collector would
     rescan the young ones, which more than doubles the conversion time. Nothing built here is
-    cyclic, so nothing is left for the collector; it runs again (as it was) on exit.
+    cyclic, so nothing is left for the collector. On exit the new objects are moved to the oldest
+    generation at once (``gc.freeze`` then ``gc.unfreeze``, two list splices; skipped if the
+    caller froze objects of their own), where a re-enabled collector would otherwise walk all of
+    them as young ones first (0.1-0.4 s); the collector then runs again as it was.
     """
     enabled = gc.isenabled()
     gc.disable()
     try:
         yield
     finally:
+        if gc.get_freeze_count() == 0:
+            gc.freeze()  # what was built is long-lived: hand it to the oldest generation at once (two
+            gc.unfreeze()  # list splices) rather than have the re-enabled collector walk it as young objects
         if enabled:
             gc.enable()
-
-
-def _pair_overlap(starts_a, lengths_a, starts_b, lengths_b) -> int:
-    """Pixels shared by two masks given as sorted, disjoint runs."""
-    ends_a, ends_b = starts_a + lengths_a, starts_b + lengths_b
-    # for each run of a, the runs of b that can intersect it are those ending after its start
-    first = np.searchsorted(ends_b, starts_a, side="right")
-    last = np.searchsorted(starts_b, ends_a, side="left")
-    total = 0
-    for i in np.flatnonzero(last > first):
-        lo = np.maximum(starts_b[first[i]:last[i]], starts_a[i])
-        hi = np.minimum(ends_b[first[i]:last[i]], ends_a[i])
-        total += int(np.clip(hi - lo, 0, None).sum())
-    return total
 
 
 def _find_overlaps(runs: _ParsedRuns, group_start: np.ndarray, group_size: np.ndarray,
                    rows_sorted: np.ndarray) -> list[tuple[int, int, int]]:
     """Pairs of rows (CSV order indices) of one image whose masks share pixels: (row_a, row_b, pixels).
 
-    Images with two masks whose boxes intersect are tested at once on their runs (sorted by
-    start, a run that begins before the furthest end so far overlaps); only images that fail
-    are compared pair by pair.
+    Masks whose boxes intersect are compared on their runs, in compiled code
+    (:func:`module_rle_kernels.overlapping_pairs`); no mask is built.
     """
-    boxes = runs.bboxes()
-    candidates = []  # (row_a, row_b) with intersecting boxes
-    for size in np.unique(group_size[group_size > 1]).tolist():
-        ia, ib = np.triu_indices(size, 1)
-        starts = group_start[group_size == size]
-        row_a = rows_sorted[(starts[:, None] + ia[None, :]).ravel()]
-        row_b = rows_sorted[(starts[:, None] + ib[None, :]).ravel()]
-        a, b = boxes[row_a], boxes[row_b]
-        hit = ((runs.n_runs[row_a] > 0) & (runs.n_runs[row_b] > 0)
-               & (a[:, 0] < b[:, 0] + b[:, 2]) & (b[:, 0] < a[:, 0] + a[:, 2])
-               & (a[:, 1] < b[:, 1] + b[:, 3]) & (b[:, 1] < a[:, 1] + a[:, 3]))
-        candidates += zip(row_a[hit].tolist(), row_b[hit].tolist())
-    if not candidates:
-        return []
-    # One sort over the runs of every candidate pair: pair p's runs get key p * (H*W + 1) + start.
-    pairs = np.asarray(candidates, np.int64)
-    span = runs.shape[0] * runs.shape[1] + 1
-    row_of_run = np.concatenate([pairs[:, 0], pairs[:, 1]])
-    pair_of_run = np.concatenate([np.arange(len(pairs))] * 2)
-    n = runs.n_runs[row_of_run]
-    run = np.repeat(runs.offsets[row_of_run] - np.concatenate([[0], np.cumsum(n)[:-1]]), n) + np.arange(n.sum())
-    base = np.repeat(pair_of_run * span, n)
-    key_start, key_end = base + runs.starts[run], base + runs.starts[run] + runs.lengths[run]
-    order = np.argsort(key_start, kind="stable")
-    key_start, key_end = key_start[order], key_end[order]
-    furthest = np.maximum.accumulate(key_end)
-    clash = np.flatnonzero(key_start[1:] < furthest[:-1]) + 1
-    found = []
-    for p in np.unique(key_start[clash] // span).tolist():
-        ra, rb = candidates[p]
-        sa = slice(runs.offsets[ra], runs.offsets[ra] + runs.n_runs[ra])
-        sb = slice(runs.offsets[rb], runs.offsets[rb] + runs.n_runs[rb])
-        pixels = _pair_overlap(runs.starts[sa], runs.lengths[sa], runs.starts[sb], runs.lengths[sb])
-        found.append((min(ra, rb), max(ra, rb), pixels))
-    return sorted(found)
+    pairs = _kernels().overlapping_pairs(rows_sorted, group_start, group_size, runs.n_runs, runs.offsets,
+                                         runs.starts, runs.lengths, runs.bboxes())
+    return sorted((min(a, b), max(a, b), pixels) for a, b, pixels in pairs.tolist())
 
 
 class _LoadedCSV:
-    """A segmentation CSV parsed into runs and grouped by ImageId (sorted), rows kept in CSV order."""
+    """A segmentation CSV parsed into runs and grouped by ImageId (sorted), rows kept in CSV order.
+
+    Kaggle's layout (header ``ImageId,EncodedPixels``, one unquoted row per line) is read straight
+    from the file's bytes by the compiled scanner; anything else (quoted fields, blank lines, another
+    header) is read by pandas (:func:`read_segmentation_csv`), which also names what is wrong.
+    """
 
     def __init__(self, csv_path, shape):
         self.csv_path = Path(csv_path)
-        frame = read_segmentation_csv(csv_path)
-        self.image_ids = frame["ImageId"].tolist()
-        self.rles = [r.strip() for r in frame["EncodedPixels"].tolist()]
-        lines = range(2, len(self.rles) + 2)  # the header is line 1
-        self.runs = _ParsedRuns(self.rles, shape, self.image_ids, lines, self.csv_path)
-        ids = np.asarray(self.image_ids, dtype=str)
-        self.order = np.argsort(ids, kind="stable")  # rows grouped by ImageId, CSV order inside
-        sorted_ids = ids[self.order]
-        new_group = np.concatenate([[True], sorted_ids[1:] != sorted_ids[:-1]]) if ids.size else np.zeros(0, bool)
+        if not self.csv_path.is_file():
+            raise FileNotFoundError(f"{csv_path}: CSV not found")
+        if not self._scan(np.fromfile(self.csv_path, np.uint8), shape):
+            self._read_with_pandas(shape)
+        keys = self._keys  # ImageIds as a numpy str or bytes array, to sort on
+        self.order = np.arange(keys.size) if (keys[1:] >= keys[:-1]).all() else np.argsort(keys, kind="stable")
+        sorted_keys = keys[self.order]  # rows grouped by ImageId, CSV order inside
+        new_group = np.concatenate([[True], sorted_keys[1:] != sorted_keys[:-1]]) if keys.size else np.zeros(0, bool)
         self.group_start = np.flatnonzero(new_group)
-        self.group_size = np.diff(np.concatenate([self.group_start, [ids.size]]))
-        self.group_ids = sorted_ids[self.group_start].tolist()
+        self.group_size = np.diff(np.concatenate([self.group_start, [keys.size]]))
+        self.group_ids = self._ids_of(self.order[self.group_start])
+
+    def _scan(self, data: np.ndarray, shape) -> bool:
+        """Read Kaggle's layout with :func:`module_rle_kernels.scan_rows`; False when it is not that layout."""
+        header = ",".join(CSV_COLUMNS).encode()
+        head = data[:len(header) + 2].tobytes()
+        if head.startswith(header + b"\n"):
+            self._body = body = data[len(header) + 1:]
+        elif head.startswith(header + b"\r\n"):
+            self._body = body = data[len(header) + 2:]
+        else:
+            return False
+        self._rles = None  # the EncodedPixels stay bytes in the file: see rle_text
+        kernels = _kernels()
+        (status, row, id_start, id_end, self._field_start, self._field_end, n_runs, starts,
+         lengths) = kernels.scan(body, True, int(shape[0]) * int(shape[1]))
+        if status == kernels.UNUSUAL:
+            return False
+        try:
+            self._keys, self._ids_of = self._decode_ids(body, id_start, id_end)
+        except UnicodeDecodeError:
+            return False
+        if status != kernels.OK:
+            where = dict(image_id=self.image_id(row), line=row + 2, csv_path=self.csv_path)  # line 1: the header
+            parse_rle(self.rle_text(row), shape, **where)
+            raise RLEError("invalid EncodedPixels (rejected by the compiled scanner)", **where)
+        self.runs = _ParsedRuns.from_runs(shape, n_runs, starts, lengths)
+        return True
+
+    @staticmethod
+    def _decode_ids(body: np.ndarray, id_start: np.ndarray, id_end: np.ndarray):
+        """``(keys, ids_of)``: the ImageIds at those byte offsets as a numpy array to sort on, and a
+        function giving the ``str`` ImageIds of an index array of rows. Short names (Kaggle's) are
+        sorted as one NUL-padded bytes block; the strings are made by one decode and one split."""
+        kernels = _kernels()
+
+        def ids_of(rows: np.ndarray) -> list[str]:
+            return kernels.join_ids(body, id_start, id_end, rows).tobytes().decode("utf-8").split("\n")[:-1]
+
+        widths = id_end - id_start
+        width = int(widths.max()) if widths.size else 0
+        if 0 < width <= 64:
+            block, ascii_only = kernels.gather_ids(body, id_start, id_end, width)
+            if not ascii_only:
+                ids_of(np.arange(widths.size))  # raises UnicodeDecodeError now rather than later
+            return block.view(f"S{width}").ravel(), ids_of
+        keys = np.array(ids_of(np.arange(widths.size)), dtype=str)
+        return keys, lambda rows: keys[rows].tolist()
+
+    def _read_with_pandas(self, shape):
+        frame = read_segmentation_csv(self.csv_path)
+        image_ids = frame["ImageId"].tolist()
+        self._rles = frame["EncodedPixels"].tolist()
+        keys = self._keys = np.asarray(image_ids, dtype=str)
+        self._ids_of = lambda rows: keys[rows].tolist()
+        lines = range(2, len(image_ids) + 2)  # the header is line 1
+        self.runs = _ParsedRuns(self._rles, shape, image_ids, lines, self.csv_path)
+
+    def image_id(self, row: int) -> str:
+        return self._ids_of(np.array([row]))[0]
+
+    def rle_text(self, row: int) -> str:
+        """The EncodedPixels of a row (CSV order), as written in the file."""
+        if self._rles is not None:
+            return self._rles[row]
+        return self._body[self._field_start[row]:self._field_end[row]].tobytes().decode("utf-8", errors="replace")
 
     def overlaps(self):
         """DataFrame of ground-truth mask pairs that share pixels (CSV lines, pixels)."""
         import pandas as pd
 
         pairs = _find_overlaps(self.runs, self.group_start, self.group_size, self.order)
-        return pd.DataFrame([(self.image_ids[a], a + 2, b + 2, p) for a, b, p in pairs],
+        return pd.DataFrame([(self.image_id(a), a + 2, b + 2, p) for a, b, p in pairs],
                             columns=["ImageId", "line_a", "line_b", "pixels"])
 
 
@@ -771,36 +740,32 @@ def _build_dataset_dicts(csv_path, image_dir: Path, shape: tuple[int, int], over
             for image_id in overlap_table.ImageId.unique():
                 g = group_of_id[image_id]
                 rows = loaded.order[loaded.group_start[g]:loaded.group_start[g] + loaded.group_size[g]]
-                fixed = _remove_overlaps([loaded.rles[r] for r in rows if loaded.rles[r]], shape)
+                texts = [loaded.rle_text(r) for r in rows]
+                fixed = _remove_overlaps([t for t in texts if not _is_blank(t)], shape)
                 fixed_runs = _ParsedRuns(fixed, shape)
-                replaced[g] = _annotations(fixed_runs, range(len(fixed)), BoxMode.XYWH_ABS)
+                replaced[g] = _annotations(fixed_runs, np.flatnonzero(fixed_runs.n_runs > 0), BoxMode.XYWH_ABS)
 
-    coco = runs.coco()
-    boxes = runs.bboxes().tolist()
-    mode = BoxMode.XYWH_ABS
-    row_annotation = [None if c is None else {"bbox": b, "bbox_mode": mode, "segmentation": c, "category_id": 0,
-                                              "iscrowd": 0} for c, b in zip(coco, boxes)]
-    order = loaded.order.tolist()
-    group_annotations = []
-    for g, (start, size) in enumerate(zip(loaded.group_start.tolist(), loaded.group_size.tolist())):
-        if size == 1:  # most images: one row, a mask or blank
-            annotation = row_annotation[order[start]]
-            group_annotations.append([] if annotation is None else [annotation])
-        else:
-            group_annotations.append([a for a in (row_annotation[r] for r in order[start:start + size])
-                                      if a is not None])
-    for g, annotations in replaced.items():
-        group_annotations[g] = annotations
+    # The mask rows in ImageId order (CSV order within an image); image g owns a contiguous slice.
+    has_mask = runs.n_runs[loaded.order] > 0
+    annotations = _annotations(runs, loaded.order[has_mask], BoxMode.XYWH_ABS)
+    bounds = np.zeros(loaded.group_start.size + 1, np.int64)
+    if has_mask.size:
+        np.cumsum(np.add.reduceat(has_mask.astype(np.int64), loaded.group_start), out=bounds[1:])
+    bounds = bounds.tolist()
+    group_annotations = [annotations[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+    for g, fixed_annotations in replaced.items():
+        group_annotations[g] = fixed_annotations
     prefix, height, width = str(image_dir) + os.sep, shape[0], shape[1]
     dicts = [{"file_name": prefix + image_id, "height": height, "width": width, "image_id": image_id,
               "annotations": annotations} for image_id, annotations in zip(loaded.group_ids, group_annotations)]
     return dicts, overlap_table
 
 
-def _annotations(runs: _ParsedRuns, rows: Iterable[int], mode) -> list[dict]:
-    coco, boxes = runs.coco(), runs.bboxes().tolist()
-    return [{"bbox": boxes[r], "bbox_mode": mode, "segmentation": coco[r], "category_id": 0, "iscrowd": 0}
-            for r in rows if coco[r] is not None]
+def _annotations(runs: _ParsedRuns, rows: np.ndarray, mode) -> list[dict]:
+    """detectron2 annotation dicts of the (nonempty) ``rows`` of ``runs``, in that order."""
+    height, width = runs.shape
+    return [{"bbox": box, "bbox_mode": mode, "segmentation": {"size": [height, width], "counts": counts},
+             "category_id": 0, "iscrowd": 0} for box, counts in zip(runs.bboxes()[rows].tolist(), runs.coco_counts(rows))]
 
 
 # ============================================================================ COCO export

@@ -78,10 +78,11 @@ def test_dataset_dicts_leave_the_garbage_collector_as_they_found_it(tmp_path, mo
     csv = tmp_path / "truth.csv"
     csv.write_text("ImageId,EncodedPixels\na.jpg,1 3\nb.jpg,\n")
     seen = []
-    coco = mp._ParsedRuns.coco
-    monkeypatch.setattr(mp._ParsedRuns, "coco", lambda self: seen.append(gc.isenabled()) or coco(self))
+    coco_counts = mp._ParsedRuns.coco_counts
+    monkeypatch.setattr(mp._ParsedRuns, "coco_counts",
+                        lambda self, rows=None: seen.append(gc.isenabled()) or coco_counts(self, rows))
     assert len(mp.load_dataset_dicts(csv, tmp_path / "images")) == 2
-    assert gc.isenabled()
+    assert gc.isenabled() and gc.get_freeze_count() == 0  # the new objects went to the oldest generation
     gc.disable()
     try:
         mp.load_dataset_dicts(csv, tmp_path / "images")
@@ -89,6 +90,13 @@ def test_dataset_dicts_leave_the_garbage_collector_as_they_found_it(tmp_path, mo
     finally:
         gc.enable()
     assert seen == [False, False]  # paused while the dicts are built
+    gc.freeze()  # a caller's frozen objects (say, before a fork) stay frozen
+    try:
+        frozen = gc.get_freeze_count()
+        mp.load_dataset_dicts(csv, tmp_path / "images")
+        assert gc.get_freeze_count() == frozen
+    finally:
+        gc.unfreeze()
 
 
 def test_csv_with_wrong_header_or_missing_file_is_a_clear_error(tmp_path):
@@ -140,7 +148,7 @@ def _pycocotools_counts(mask: np.ndarray) -> str:
 @given(st.integers(1, 24).flatmap(lambda side: st.lists(arrays(np.uint8, (side, side + 3), elements=st.integers(0, 1)),
                                                         min_size=1, max_size=6)))
 def test_batched_coco_compression_matches_pycocotools(mask_list):
-    # The dataset-dict path compresses every mask of a CSV in one numpy pass (no pycocotools).
+    # The dataset-dict path compresses every mask of a CSV in one compiled pass (no pycocotools).
     shape = mask_list[0].shape
     runs = mp._ParsedRuns([mp.rle_encode(m) for m in mask_list], shape)
     for mask, coco in zip(mask_list, runs.coco()):
@@ -200,6 +208,127 @@ def test_coco_conversion_matches_pycocotools_on_real_rows(segmentations_subset_c
     np.testing.assert_allclose([mp.rle_bbox(r) for r in rles[:500]],
                                mask_util.toBbox([{"size": c["size"], "counts": c["counts"].encode()}
                                                  for c in ours[:500]]))
+
+
+# ---------------------------------------------------------------- the compiled scanner (module_rle_kernels)
+_RLE_ALPHABET = st.sampled_from(["1", "2", "3", "0", "7", "12", "35", "999", " ", " ", "  ", "\t", "\r", "\x0b",
+                                 "\n", "-", ".", ",", "x", "\xa0", "\u0663", "+"])
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.lists(_RLE_ALPHABET, max_size=12).map("".join), min_size=1, max_size=5))
+def test_compiled_scanner_accepts_and_rejects_exactly_what_parse_rle_does(texts):
+    shape = (7, 9)
+    verdicts = []
+    for text in texts:
+        try:
+            verdicts.append(mp.parse_rle(text, shape))
+        except mp.RLEError as exc:
+            verdicts.append(exc)
+    bad = [k for k, v in enumerate(verdicts) if isinstance(v, Exception)]
+    ids = [f"{k}.jpg" for k in range(len(texts))]
+    if bad:
+        with pytest.raises(mp.RLEError) as info:
+            mp._ParsedRuns(texts, shape, image_ids=ids, lines=range(2, len(texts) + 2))
+        # the first bad string is named, with parse_rle's own reason
+        assert info.value.image_id == ids[bad[0]] and info.value.reason == verdicts[bad[0]].reason
+    else:
+        runs = mp._ParsedRuns(texts, shape, image_ids=ids)
+        for k, (starts, lengths) in enumerate(verdicts):
+            own = slice(runs.offsets[k], runs.offsets[k] + runs.n_runs[k])
+            np.testing.assert_array_equal(runs.starts[own], starts)
+            np.testing.assert_array_equal(runs.lengths[own], lengths)
+
+
+def _csv_rows(segmentations_subset_csv, n=400):
+    frame = pd.read_csv(segmentations_subset_csv, dtype=str, keep_default_na=False, nrows=n)
+    return list(zip(frame.ImageId, frame.EncodedPixels))
+
+
+def _write_csv(path, rows, newline="\n", quote=False, blank_line=False, final_newline=True):
+    lines = ["ImageId,EncodedPixels"] + [f'"{i}","{r}"' if quote else f"{i},{r}" for i, r in rows]
+    if blank_line:
+        lines.insert(len(lines) // 2, "")
+    path.write_bytes((newline.join(lines) + (newline if final_newline else "")).encode("utf-8"))
+    return path
+
+
+def test_csv_layouts_give_the_same_dicts_fast_or_through_pandas(segmentations_subset_csv, tmp_path, monkeypatch):
+    rows = _csv_rows(segmentations_subset_csv)
+    rows = rows[200:] + rows[:200]  # not sorted by ImageId: the dicts still are
+    (tmp_path / "images").mkdir()
+    read_with_pandas = []
+    original = mp._LoadedCSV._read_with_pandas
+    monkeypatch.setattr(mp._LoadedCSV, "_read_with_pandas",
+                        lambda self, shape: read_with_pandas.append(self.csv_path.name) or original(self, shape))
+    layouts = {"kaggle.csv": {}, "crlf.csv": {"newline": "\r\n"}, "no_final_newline.csv": {"final_newline": False},
+               "quoted.csv": {"quote": True}, "blank_line.csv": {"blank_line": True}}
+    dicts = {name: mp.load_dataset_dicts(_write_csv(tmp_path / name, rows, **kw), tmp_path / "images")
+             for name, kw in layouts.items()}
+    assert read_with_pandas == ["quoted.csv", "blank_line.csv"]  # Kaggle's layout never goes through pandas
+    reference = dicts.pop("kaggle.csv")
+    assert [d["image_id"] for d in reference] == sorted({i for i, _ in rows})
+    assert sum(len(d["annotations"]) for d in reference) == sum(1 for _, r in rows if r)
+    for name, other in dicts.items():
+        assert other == reference, name
+
+
+def test_image_ids_of_any_length_or_script_are_kept_and_sorted(tmp_path):
+    (tmp_path / "images").mkdir()
+    rows = [("zeta-long-name.jpg", "1 2"), ("b.jpg", ""), ("ñandú.jpg", "5 3"), ("b.jpg", "10 1"), ("a.jpg", "")]
+    csv = _write_csv(tmp_path / "truth.csv", rows)
+    dicts = mp.load_dataset_dicts(csv, tmp_path / "images")
+    assert [d["image_id"] for d in dicts] == sorted({i for i, _ in rows})
+    assert [len(d["annotations"]) for d in dicts] == [0, 1, 1, 1]
+    with pytest.raises(mp.RLEError, match="line 4, ImageId ñandú.jpg: run 1 starts at 0"):
+        mp.load_dataset_dicts(_write_csv(tmp_path / "bad.csv", rows[:2] + [("ñandú.jpg", "0 3")]), tmp_path / "images")
+
+
+def test_parallel_scan_matches_one_thread_and_names_the_first_bad_row(segmentations_subset_csv):
+    import module_rle_kernels as kernels
+
+    rows = _csv_rows(segmentations_subset_csv, n=3000)
+    body = "".join(f"{i},{r}\n" for i, r in rows).encode()
+    buf = np.frombuffer(body, np.uint8)
+    one = kernels.scan(buf, True, 768 * 768, workers=1)
+    assert one[0] == kernels.OK and one[6].size == len(rows)
+    for workers in (2, 3, 7):
+        many = kernels.scan(buf, True, 768 * 768, workers=workers)
+        for a, b in zip(one, many):
+            np.testing.assert_array_equal(a, b)
+        summary = kernels.summarise(one[7], one[8], one[6], 768, 768, workers=workers)
+        for a, b in zip(kernels.summarise(one[7], one[8], one[6], 768, 768, workers=1), summary):
+            np.testing.assert_array_equal(a, b)
+    # two bad rows, in the second and third quarters: the first is reported, counted from the start
+    bad_rows = [len(rows) // 2 + 5, 3 * len(rows) // 4]
+    broken = [(i, "3 x" if k in bad_rows else r) for k, (i, r) in enumerate(rows)]
+    buf = np.frombuffer("".join(f"{i},{r}\n" for i, r in broken).encode(), np.uint8)
+    for workers in (1, 2, 4):
+        status, row, id_start, id_end, *_ = kernels.scan(buf, True, 768 * 768, workers=workers)
+        assert status == kernels.BAD_ROW and row == bad_rows[0]
+        assert buf[id_start[row]:id_end[row]].tobytes().decode() == rows[bad_rows[0]][0]
+
+
+def test_runs_past_two_to_the_31_pixels_are_kept_exactly():
+    shape = (50_000, 50_000)  # 2.5e9 pixels: the runs are stored as int64, not int32
+    rle = "1 3 2400000000 7"
+    runs = mp._ParsedRuns([rle], shape)
+    assert runs.starts.dtype == np.int64 and runs.starts.tolist() == [0, 2_399_999_999]
+    reference = mask_util.frPyObjects([{"size": list(shape), "counts": [0, 3, 2_399_999_996, 7,
+                                                                         2_500_000_000 - 2_400_000_006]}], *shape)
+    assert mp.kaggle_rle_to_coco(rle, shape)["counts"] == reference[0]["counts"].decode("ascii")
+    assert mp._ParsedRuns(["1 3"], (768, 768)).starts.dtype == np.int32
+
+
+@settings(max_examples=60, deadline=None)
+@given(mask_list=st.lists(arrays(np.uint8, (6, 8), elements=st.integers(0, 1)), min_size=2, max_size=5))
+def test_ground_truth_overlaps_match_a_pixel_count(tmp_path_factory, mask_list):
+    masks = [m for m in mask_list if m.any()]
+    csv = tmp_path_factory.mktemp("overlaps") / "truth.csv"
+    _write_csv(csv, [("x.jpg", mp.rle_encode(m)) for m in masks] + [("y.jpg", "")])
+    expected = [{"ImageId": "x.jpg", "line_a": a + 2, "line_b": b + 2, "pixels": int((masks[a] & masks[b]).sum())}
+                for a in range(len(masks)) for b in range(a + 1, len(masks)) if (masks[a] & masks[b]).any()]
+    assert mp.find_ground_truth_overlaps(csv, (6, 8)).to_dict("records") == expected
 
 
 # ---------------------------------------------------------------- dataset dicts on the real sample
