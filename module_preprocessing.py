@@ -32,6 +32,7 @@ import argparse
 import contextlib
 import gc
 import logging
+import mmap
 import os
 from pathlib import Path
 from typing import Sequence
@@ -556,6 +557,20 @@ def _find_overlaps(runs: _ParsedRuns, group_start: np.ndarray, group_size: np.nd
     return sorted((min(a, b), max(a, b), pixels) for a, b, pixels in pairs.tolist())
 
 
+def _map_file(path: Path) -> np.ndarray:
+    """A file's bytes as a read-only uint8 array, mapped from the page cache (POSIX: no copy, no zeroed
+    pages to fault in; the file must not shrink while the array lives), else read into memory."""
+    size = path.stat().st_size
+    if size == 0:
+        return np.zeros(0, np.uint8)
+    if hasattr(mmap, "MAP_SHARED"):
+        with open(path, "rb") as handle:
+            mapped = mmap.mmap(handle.fileno(), size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0),
+                               prot=mmap.PROT_READ)
+        return np.frombuffer(mapped, np.uint8)
+    return np.fromfile(path, np.uint8)
+
+
 class _LoadedCSV:
     """A segmentation CSV parsed into runs and grouped by ImageId (sorted), rows kept in CSV order.
 
@@ -568,7 +583,7 @@ class _LoadedCSV:
         self.csv_path = Path(csv_path)
         if not self.csv_path.is_file():
             raise FileNotFoundError(f"{csv_path}: CSV not found")
-        if not self._scan(np.fromfile(self.csv_path, np.uint8), shape):
+        if not self._scan(_map_file(self.csv_path), shape):
             self._read_with_pandas(shape)
         keys = self._keys  # ImageIds as a numpy str or bytes array, to sort on
         self.order = np.arange(keys.size) if (keys[1:] >= keys[:-1]).all() else np.argsort(keys, kind="stable")
