@@ -13,12 +13,15 @@ FROM python:3.11-slim-bookworm
 # bind-mounted runs/ belong to you.
 ARG UID=1000
 
+# NUMBA_CACHE_DIR: where numba keeps the compiled RLE loops (module_rle_kernels), writable by the
+# user whatever the bind-mounted code folder allows.
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     VIRTUAL_ENV=/opt/venv \
-    PATH=/opt/venv/bin:$PATH
+    PATH=/opt/venv/bin:$PATH \
+    NUMBA_CACHE_DIR=/opt/venv/numba-cache
 
 RUN groupadd --gid "${UID}" airbus \
     && useradd --create-home --uid "${UID}" --gid "${UID}" --shell /bin/bash airbus \
