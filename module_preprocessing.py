@@ -438,8 +438,7 @@ class _ParsedRuns:
     def _summarise(self):
         """``(bbox, area, counts)`` of every row, from one compiled pass (computed once)."""
         if self._summary is None:
-            bbox, area, chars = _kernels().summarise(self.starts, self.lengths, self.n_runs, *self.shape)
-            self._summary = bbox, area, chars.tobytes().decode("ascii").split("\n")[:-1]
+            self._summary = _kernels().summarise(self.starts, self.lengths, self.n_runs, *self.shape)
         return self._summary
 
     def bboxes(self) -> np.ndarray:
@@ -628,7 +627,7 @@ class _LoadedCSV:
         kernels = _kernels()
 
         def ids_of(rows: np.ndarray) -> list[str]:
-            return kernels.join_ids(body, id_start, id_end, rows).tobytes().decode("utf-8").split("\n")[:-1]
+            return str(memoryview(kernels.join_ids(body, id_start, id_end, rows)), "utf-8").split("\n")[:-1]
 
         widths = id_end - id_start
         width = int(widths.max()) if widths.size else 0

@@ -383,8 +383,9 @@ def scan(buf: np.ndarray, with_ids: bool, n_pixels: int, workers: int | None = N
 
 
 def summarise(starts: np.ndarray, lengths: np.ndarray, n_runs: np.ndarray, height: int, width: int,
-              workers: int | None = None) -> tuple:
-    """:func:`summarise_rows` of all rows, in pieces of rows with about equal runs, in parallel."""
+              workers: int | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """:func:`summarise_rows` of all rows, in pieces of rows with about equal runs, in parallel:
+    ``(bbox, area, counts)``, ``counts`` the list of each row's COCO counts string."""
     parts = workers or _n_workers(starts.size, PARALLEL_MIN_RUNS)
     run_end = np.cumsum(n_runs)
     cuts = np.unique(np.concatenate([[0], np.searchsorted(run_end, starts.size * np.arange(1, parts) // parts),
@@ -393,6 +394,9 @@ def summarise(starts: np.ndarray, lengths: np.ndarray, n_runs: np.ndarray, heigh
     results = _in_threads(lambda k: summarise_rows(starts[run_cuts[k]:run_cuts[k + 1]],
                                                    lengths[run_cuts[k]:run_cuts[k + 1]],
                                                    n_runs[cuts[k]:cuts[k + 1]], height, width), len(cuts) - 1)
+    counts = []
+    for _, _, chars in results:  # decoded straight from the kernel's buffer, split in one call
+        counts += str(memoryview(chars), "ascii").split("\n")[:-1]
     if len(results) == 1:
-        return results[0]
-    return tuple(np.concatenate([r[part] for r in results]) for part in range(3))
+        return results[0][0], results[0][1], counts
+    return np.concatenate([r[0] for r in results]), np.concatenate([r[1] for r in results]), counts
