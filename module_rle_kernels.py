@@ -388,8 +388,8 @@ def summarise(starts: np.ndarray, lengths: np.ndarray, n_runs: np.ndarray, heigh
     ``(bbox, area, counts)``, ``counts`` the list of each row's COCO counts string."""
     parts = workers or _n_workers(starts.size, PARALLEL_MIN_RUNS)
     run_end = np.cumsum(n_runs)
-    cuts = np.unique(np.concatenate([[0], np.searchsorted(run_end, starts.size * np.arange(1, parts) // parts),
-                                     [n_runs.size]])).tolist()
+    inner = np.searchsorted(run_end, starts.size * np.arange(1, parts) // parts).tolist()
+    cuts = [0, *sorted({c for c in inner if 0 < c < n_runs.size}), n_runs.size]
     run_cuts = [int(run_end[c - 1]) if c else 0 for c in cuts]
     results = _in_threads(lambda k: summarise_rows(starts[run_cuts[k]:run_cuts[k + 1]],
                                                    lengths[run_cuts[k]:run_cuts[k + 1]],

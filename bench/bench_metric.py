@@ -118,6 +118,9 @@ def main(args: argparse.Namespace) -> None:
     print(f"bench_metric: {n_images:,} images, {(truth.EncodedPixels != '').sum():,} true ships, "
           f"{(submission.EncodedPixels != '').sum():,} predicted masks")
 
+    start = time.perf_counter()  # once per process: numba's import and loading the compiled RLE loops
+    module_metric.score_submission(submission.head(1), truth[truth.ImageId == submission.ImageId.iloc[0]])
+    print(f"start-up (one image; numba's import, loading the compiled RLE loops): {time.perf_counter() - start:.2f} s")
     start = time.perf_counter()
     result = module_metric.score_submission(submission, truth)
     ours = time.perf_counter() - start

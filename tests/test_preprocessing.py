@@ -273,6 +273,18 @@ def test_csv_layouts_give_the_same_dicts_fast_or_through_pandas(segmentations_su
         assert other == reference, name
 
 
+def test_empty_inputs_give_empty_results(tmp_path):
+    (tmp_path / "images").mkdir()
+    header_only = tmp_path / "header_only.csv"
+    header_only.write_text("ImageId,EncodedPixels\n")
+    assert mp.load_dataset_dicts(header_only, tmp_path / "images") == []
+    assert mp.kaggle_rles_to_coco([]) == [] and mp._ParsedRuns([], (768, 768)).coco() == []
+    empty = mask_util.encode(np.zeros((768, 768), np.uint8, order="F"))["counts"].decode("ascii")
+    assert mp.kaggle_rle_to_coco("") == {"size": [768, 768], "counts": empty}
+    dicts = mp.load_dataset_dicts(_write_csv(tmp_path / "blank.csv", [("a.jpg", ""), ("b.jpg", "")]), tmp_path / "images")
+    assert [d["annotations"] for d in dicts] == [[], []]
+
+
 def test_image_ids_of_any_length_or_script_are_kept_and_sorted(tmp_path):
     (tmp_path / "images").mkdir()
     rows = [("zeta-long-name.jpg", "1 2"), ("b.jpg", ""), ("ñandú.jpg", "5 3"), ("b.jpg", "10 1"), ("a.jpg", "")]
