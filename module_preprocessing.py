@@ -452,8 +452,9 @@ class _ParsedRuns:
     def coco_counts(self, rows: np.ndarray | None = None) -> list[str]:
         """COCO compressed counts strings of ``rows`` (all rows by default), byte for byte what
         pycocotools' encoder writes (an empty mask is the single count H*W)."""
-        counts = self._summarise()[2]
-        return list(counts) if rows is None else [counts[k] for k in rows.tolist()]
+        counts = self._summarise()[2]  # blank for an empty mask
+        empty = str(memoryview(_kernels().empty_mask_counts(*self.shape)), "ascii")
+        return [c or empty for c in (counts if rows is None else (counts[k] for k in rows.tolist()))]
 
     def coco(self, empty: bool = False) -> list[dict | None]:
         """COCO compressed RLE ``{"size": [H, W], "counts": str}`` of each row; ``None`` for an empty

@@ -165,6 +165,13 @@ def _put_count(chars, p, x):
 
 
 @_jit
+def empty_mask_counts(height, width):
+    """The COCO compressed counts of an all-background ``height`` x ``width`` mask (uint8 text)."""
+    chars = np.empty(16, np.uint8)
+    return chars[:_put_count(chars, 0, height * width)]
+
+
+@_jit
 def summarise_rows(starts, lengths, n_runs, height, width):
     """Per row: ``bbox`` (N, 4) float64 ``[x, y, w, h]`` (pycocotools' ``toBbox``; zeros if empty),
     ``area`` (N,) int64, and ``chars`` (uint8): the COCO compressed counts of each row's mask,
@@ -172,7 +179,9 @@ def summarise_rows(starts, lengths, n_runs, height, width):
 
     The uncompressed COCO counts of a row are ``gap, length, gap, length, ..., tail`` (column-major,
     like Kaggle's runs); the tail (background after the last run) is left out when it is 0, as
-    pycocotools' own encoder does. An empty row is the single count ``H*W``.
+    pycocotools' own encoder does. An empty row gets an empty string (its mask's counts, the single
+    count ``H*W``, are :func:`empty_mask_counts`): most Kaggle rows are empty, and the dataset dicts
+    need no string for them.
     """
     n = n_runs.size
     n_pixels = height * width
@@ -187,6 +196,10 @@ def summarise_rows(starts, lengths, n_runs, height, width):
     r = 0
     for k in range(n):
         m = n_runs[k]
+        if m == 0:
+            chars[p] = 10
+            p += 1
+            continue
         xmin = n_pixels
         xmax = -1
         ymin = n_pixels
