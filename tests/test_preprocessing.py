@@ -245,11 +245,12 @@ def _csv_rows(segmentations_subset_csv, n=400):
     return list(zip(frame.ImageId, frame.EncodedPixels))
 
 
-def _write_csv(path, rows, newline="\n", quote=False, blank_line=False, final_newline=True):
+def _write_csv(path, rows, newline="\n", quote=False, blank_line=False, final_newline=True, bom=False):
     lines = ["ImageId,EncodedPixels"] + [f'"{i}","{r}"' if quote else f"{i},{r}" for i, r in rows]
     if blank_line:
         lines.insert(len(lines) // 2, "")
-    path.write_bytes((newline.join(lines) + (newline if final_newline else "")).encode("utf-8"))
+    text = newline.join(lines) + (newline if final_newline else "")
+    path.write_bytes(text.encode("utf-8-sig" if bom else "utf-8"))
     return path
 
 
@@ -262,10 +263,10 @@ def test_csv_layouts_give_the_same_dicts_fast_or_through_pandas(segmentations_su
     monkeypatch.setattr(mp._LoadedCSV, "_read_with_pandas",
                         lambda self, shape: read_with_pandas.append(self.csv_path.name) or original(self, shape))
     layouts = {"kaggle.csv": {}, "crlf.csv": {"newline": "\r\n"}, "no_final_newline.csv": {"final_newline": False},
-               "quoted.csv": {"quote": True}, "blank_line.csv": {"blank_line": True}}
+               "quoted.csv": {"quote": True}, "blank_line.csv": {"blank_line": True}, "bom.csv": {"bom": True}}
     dicts = {name: mp.load_dataset_dicts(_write_csv(tmp_path / name, rows, **kw), tmp_path / "images")
              for name, kw in layouts.items()}
-    assert read_with_pandas == ["quoted.csv", "blank_line.csv"]  # Kaggle's layout never goes through pandas
+    assert read_with_pandas == ["quoted.csv", "blank_line.csv", "bom.csv"]  # Kaggle's layout never does
     reference = dicts.pop("kaggle.csv")
     assert [d["image_id"] for d in reference] == sorted({i for i, _ in rows})
     assert sum(len(d["annotations"]) for d in reference) == sum(1 for _, r in rows if r)
