@@ -9,14 +9,15 @@ each one pass over its input, releasing the GIL:
 * :func:`summarise_rows` turns the runs into each row's bounding box, area and COCO
   compressed-RLE counts string, byte for byte what pycocotools writes;
 * :func:`overlapping_pairs` finds masks of one image that share pixels, on their runs;
-* :func:`gather_ids` copies short ImageIds into one block, to sort and decode at once.
+* :func:`gather_ids` copies short ImageIds into one block to sort on, and :func:`join_ids` into
+  one text that a single decode and split turn into Python strings.
 
 :func:`scan` and :func:`summarise` drive the first two over pieces of a large input in threads,
 one per core. A row the scanner rejects is only *located* here (its index);
 ``module_preprocessing`` then runs the strict per-string parser on that row, which names the
 problem, the ImageId and the line. The kernels are compiled once per machine (``cache=True``:
-about ten seconds, kept in ``__pycache__`` or ``$NUMBA_CACHE_DIR``); importing numba and loading
-them costs about half a second once per process.
+a few seconds, kept in ``__pycache__`` or ``$NUMBA_CACHE_DIR``); importing numba and loading them
+costs 0.4-0.9 s once per process.
 """
 from __future__ import annotations
 
