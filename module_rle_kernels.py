@@ -16,12 +16,14 @@ each one pass over its input, releasing the GIL:
 one per core. A row the scanner rejects is only *located* here (its index);
 ``module_preprocessing`` then runs the strict per-string parser on that row, which names the
 problem, the ImageId and the line. The kernels are compiled once per machine (``cache=True``:
-a few seconds, kept in ``__pycache__`` or ``$NUMBA_CACHE_DIR``); importing numba and loading them
-costs 0.4-0.9 s once per process.
+a few seconds, kept in ``__pycache__`` or ``$NUMBA_CACHE_DIR``; where no folder is writable they
+compile in each process, with a warning); importing numba and loading them costs 0.4-0.9 s once
+per process.
 """
 from __future__ import annotations
 
 import os
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import numba
@@ -32,7 +34,20 @@ OK = 0
 UNUSUAL = 1  # CSV structure this scanner leaves to pandas: quotes, blank lines, a missing comma, a blank ImageId
 BAD_ROW = 2  # a row whose EncodedPixels are not valid runs (the strict parser says why)
 
-_jit = numba.njit(cache=True, nogil=True, boundscheck=False)
+UNCACHED: list[str] = []  # kernels compiled in each process: numba found no cache folder to write
+
+
+def _jit(func):
+    """``numba.njit``, cached on disk; compiled anew in each process where no cache folder is writable
+    (no writable ``__pycache__``, ``$NUMBA_CACHE_DIR`` or user cache folder: numba refuses to cache)."""
+    try:
+        return numba.njit(cache=True, nogil=True, boundscheck=False)(func)
+    except RuntimeError as exc:  # "cannot cache function ...: no locator available"
+        if not UNCACHED:
+            warnings.warn(f"{exc}; the RLE kernels will compile in each process (a few seconds). Set "
+                          "NUMBA_CACHE_DIR to a writable folder to keep them.", RuntimeWarning, stacklevel=2)
+        UNCACHED.append(func.__name__)
+        return numba.njit(nogil=True, boundscheck=False)(func)
 
 
 @_jit

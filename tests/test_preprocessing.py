@@ -322,6 +322,22 @@ def test_parallel_scan_matches_one_thread_and_names_the_first_bad_row(segmentati
         assert buf[id_start[row]:id_end[row]].tobytes().decode() == rows[bad_rows[0]][0]
 
 
+def test_kernels_work_without_a_writable_cache_folder():
+    import os
+    import subprocess
+    import sys
+
+    # ZipCacheLocator alone finds no place for a file outside a zip: what numba sees on a read-only
+    # install without a writable $NUMBA_CACHE_DIR or home
+    env = dict(os.environ, NUMBA_CACHE_LOCATOR_CLASSES="ZipCacheLocator")
+    code = ("import module_preprocessing as mp, module_rle_kernels as k; "
+            "print(mp.kaggle_rle_to_coco('1 3')['counts'], len(k.UNCACHED) > 5)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.split() == [mp.kaggle_rle_to_coco("1 3")["counts"], "True"]
+    assert "NUMBA_CACHE_DIR" in out.stderr and out.stderr.count("RuntimeWarning") == 1
+
+
 def test_runs_past_two_to_the_31_pixels_are_kept_exactly():
     shape = (50_000, 50_000)  # 2.5e9 pixels: the runs are stored as int64, not int32
     rle = "1 3 2400000000 7"
