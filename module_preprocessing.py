@@ -625,7 +625,7 @@ class _LoadedCSV:
     @staticmethod
     def _decode_ids(body: np.ndarray, id_start: np.ndarray, id_end: np.ndarray):
         """``(keys, ids_of)``: the ImageIds at those byte offsets as a numpy array to sort on, and a
-        function giving the ``str`` ImageIds of an index array of rows. Short names (Kaggle's) are
+        function giving the ``str`` ImageIds of an index array of rows. Short ASCII names (Kaggle's) are
         sorted as one NUL-padded bytes block; the strings are made by one decode and one split."""
         kernels = _kernels()
 
@@ -636,10 +636,9 @@ class _LoadedCSV:
         width = int(widths.max()) if widths.size else 0
         if 0 < width <= 64:
             block, ascii_only = kernels.gather_ids(body, id_start, id_end, width)
-            if not ascii_only:
-                ids_of(np.arange(widths.size))  # raises UnicodeDecodeError now rather than later
-            return block.view(f"S{width}").ravel(), ids_of
-        keys = np.array(ids_of(np.arange(widths.size)), dtype=str)
+            if ascii_only:  # nothing to validate: sort on the bytes, decode only the ids asked for
+                return block.view(f"S{width}").ravel(), ids_of
+        keys = np.array(ids_of(np.arange(widths.size)), dtype=str)  # decodes (and validates) every id once
         return keys, lambda rows: keys[rows].tolist()
 
     def _read_with_pandas(self, shape):

@@ -251,11 +251,10 @@ def summarise_rows(starts, lengths, n_runs, height, width):
         if tail > 0:
             p = _put_count(chars, p, tail - back2 if index > 2 else tail)
         r += m
-        if m:
-            bbox[k, 0] = xmin
-            bbox[k, 1] = ymin
-            bbox[k, 2] = xmax - xmin + 1
-            bbox[k, 3] = ymax - ymin + 1
+        bbox[k, 0] = xmin
+        bbox[k, 1] = ymin
+        bbox[k, 2] = xmax - xmin + 1
+        bbox[k, 3] = ymax - ymin + 1
         area[k] = a
         chars[p] = 10
         p += 1
