@@ -36,8 +36,10 @@ import argparse
 import contextlib
 import copy
 import functools
+import json
 import logging
 import os
+import time
 import weakref
 from pathlib import Path
 from typing import ContextManager, Iterator, Sequence
@@ -47,43 +49,46 @@ import numpy as np
 import pandas as pd
 import torch
 import torchvision
-from fastai.callback.core import Callback
-from fastai.callback.tensorboard import TensorBoardCallback
-from fastai.metrics import AccumMetric, ActivationType, accuracy, skm_to_fastai
-from fastai.vision.all import (
-    CategoryBlock,
-    ColReader,
-    ColSplitter,
-    CrossEntropyLossFlat,
-    DataBlock,
-    IntToFloatTensor,
-    Learner,
-    Normalize,
-    PILImage,
-    Resize,
-    ResizeMethod,
-    TransformBlock,
-    aug_transforms,
-    imagenet_stats,
-    load_learner,
-    set_seed,
-    to_float,
-    vision_learner,
-)
-from PIL import Image
+
+import module_config
+
+with module_config.quiet_jit_deprecation():  # fastai scripts a few functions at import
+    from fastai.callback.core import Callback, CancelFitException
+    from fastai.callback.tensorboard import TensorBoardCallback
+    from fastai.metrics import AccumMetric, ActivationType, accuracy, skm_to_fastai
+    from fastai.vision.all import (
+        CategoryBlock,
+        ColReader,
+        ColSplitter,
+        CrossEntropyLossFlat,
+        DataBlock,
+        IntToFloatTensor,
+        Learner,
+        Normalize,
+        PILImage,
+        Resize,
+        ResizeMethod,
+        TransformBlock,
+        aug_transforms,
+        imagenet_stats,
+        load_learner,
+        set_seed,
+        to_float,
+        vision_learner,
+    )
 from sklearn import metrics as skm
 from tqdm.auto import tqdm
 
-from module_config import atomic_path, get_cfg, get_run_dir, save_cfg
+from module_config import BALANCE_MODES, PRECISIONS, get_classifier_dir, get_classifier_path, save_cfg
+from module_progress import ProgressReporter
+from module_files import (atomic_path, check_failure_limit, check_images, list_images, read_image, set_aside,
+                          write_failure_report)
 
 logger = logging.getLogger(__name__)
 
 SHIP, NO_SHIP = "ship", "no_ship"
 CLASSES = [NO_SHIP, SHIP]  # fixed vocab: index 1 is the ship class
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 BAD_IMAGE_POLICIES = ("error", "skip")
-BALANCE_MODES = ("weights", "sampler", "none")
-PRECISIONS = ("auto", "fp32", "bf16", "int8")  # CLASSIFIER.PRECISION; see resolve_precision
 INT8_ENGINE = "x86"  # PyTorch's quantized CPU engine (fbgemm + oneDNN): runs int8 models, names their qconfig
 # Flip TTA views, as tensor dims to flip on an (N, C, H, W) batch: identity, horizontal, vertical, both.
 TTA_FLIP_DIMS = [(), (3,), (2,), (2, 3)]
@@ -95,69 +100,28 @@ REPORT_THRESHOLDS = np.round(np.arange(0.0, 1.0001, 0.05), 2)
 
 
 class ReducedImageOpener:
-    """Open an image file as an RGB ``PILImage``, letting the JPEG decoder shrink it by 2, 4 or 8
-    while both sides stay >= ``size`` (a 768 px Kaggle tile decodes at 384 px for a 256 px model,
-    about 3x faster than a full decode). Other formats open at full size.
+    """Open an image file as an RGB ``PILImage`` under the one image policy
+    (``module_files.read_image``: complete, RGB, and ``image_size`` square when given), letting the
+    JPEG decoder shrink it by 2, 4 or 8 while both sides stay >= ``size`` (a 768 px Kaggle tile
+    decodes at 384 px for a 256 px model, about 3x faster than a full decode).
 
-    Used for training and prediction alike, so both see the same pixels. A missing file raises
-    ``FileNotFoundError`` and an unreadable one ``ValueError``, each naming the file.
+    Used for training and prediction alike, so both see the same pixels; it travels in the export,
+    so prediction keeps the tile size training had. A missing file raises ``FileNotFoundError``
+    and a bad one ``module_files.ImageError`` (a ``ValueError``), each naming the file.
     """
 
-    def __init__(self, size: int):
+    def __init__(self, size: int, image_size: int | None = None):
         self.size = size  # side of the square model input (px)
+        self.image_size = image_size  # side every image file must have (DATA.IMAGE_SIZE); None: any
 
     def __call__(self, item) -> PILImage:
         if isinstance(item, (str, os.PathLike)):
-            return PILImage(read_image(item, self.size))
+            image_size = getattr(self, "image_size", None)  # exports made before it was recorded: any
+            return PILImage.create(read_image(item, image_size, reduce_to=self.size))
         return PILImage.create(item)  # a PIL image, array or tensor, e.g. from learn.predict(img)
 
 
-def read_image(path: str | os.PathLike, size: int) -> Image.Image:
-    """Decode ``path`` to a loaded RGB PIL image, at reduced JPEG scale where that keeps sides >= ``size``."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"image {path} does not exist")
-    try:
-        with Image.open(path) as img:
-            img.draft("RGB", (size, size))  # no-op for non-JPEG files
-            return img.convert("RGB")
-    except (OSError, ValueError, SyntaxError) as exc:  # PIL's errors for truncated/corrupt/non-image files
-        raise ValueError(f"image {path} cannot be read as an image ({exc})") from None
-
-
-def list_images(folder: str | os.PathLike) -> list[Path]:
-    """The image files (``.jpg``, ``.jpeg``, ``.png``) directly in ``folder``, sorted by name."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"image folder {folder} does not exist")
-    images = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    if not images:
-        raise ValueError(f"image folder {folder} holds no {'/'.join(IMAGE_SUFFIXES)} files")
-    return images
-
-
-def check_images(image_paths: Sequence[str | os.PathLike]) -> tuple[list[Path], list[Path]]:
-    """Decode every image once (JPEGs at 1/8 scale: the whole stream is still parsed, so truncated
-    files are caught); return ``(readable, unreadable)`` paths, order kept."""
-    good, bad = [], []
-    for path in tqdm(image_paths, desc="checking images", unit="img", leave=False):
-        try:
-            read_image(path, size=1)
-            good.append(Path(path))
-        except (FileNotFoundError, ValueError) as exc:
-            logger.warning("skipping %s", exc)
-            bad.append(Path(path))
-    return good, bad
-
-
 # ---------------------------------------------------------------- data and model
-
-
-def get_classifier_dir(cfg) -> Path:
-    """``runs/<run>/classifier``, created if missing."""
-    out_dir = get_run_dir(cfg) / "classifier"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    return out_dir
 
 
 def get_label_frame(train_dicts: Sequence[dict], val_dicts: Sequence[dict]) -> pd.DataFrame:
@@ -202,7 +166,7 @@ def build_dataloaders(cfg, frame: pd.DataFrame):
     """fastai ``DataLoaders`` over :func:`get_label_frame`'s rows, balanced per ``CLASSIFIER.BALANCE``."""
     size = cfg.CLASSIFIER.IMAGE_SIZE
     block = DataBlock(
-        blocks=(TransformBlock(type_tfms=ReducedImageOpener(size), batch_tfms=IntToFloatTensor),
+        blocks=(TransformBlock(type_tfms=ReducedImageOpener(size, cfg.DATA.IMAGE_SIZE), batch_tfms=IntToFloatTensor),
                 CategoryBlock(vocab=CLASSES)),
         get_x=get_file_name,
         get_y=ColReader("label"),
@@ -365,6 +329,16 @@ class CPUAutocast(Callback):
             region.__exit__(None, None, None)
 
 
+def training_precision_name(learn: Learner, precision: str) -> str:
+    """What :func:`training_precision` trains ``learn`` at: ``"bf16"`` (CPU bf16 autocast) or ``"fp32"``."""
+    device = getattr(learn.dls, "device", None) or torch.device("cpu")  # where fastai's fit puts the model
+    if precision == "int8":
+        precision = "auto"  # int8 is for prediction only (calibrate_int8): train as auto would
+    if resolve_precision(precision, device) != "bf16" or torch.device(device).type != "cpu":
+        return "fp32"
+    return "bf16"
+
+
 @contextlib.contextmanager
 def training_precision(learn: Learner, precision: str) -> Iterator[str]:
     """Within the block, ``learn``'s fits run at ``precision`` (``CLASSIFIER.PRECISION``) where it
@@ -373,10 +347,7 @@ def training_precision(learn: Learner, precision: str) -> Iterator[str]:
     prediction precision, :func:`calibrate_int8`) trains as ``"auto"`` does. Yields the precision
     training runs at (``"bf16"`` or ``"fp32"``). The callback is gone after the block (the export
     carries none), and autocast is off again even when the fit raises."""
-    device = getattr(learn.dls, "device", None) or torch.device("cpu")  # where fastai's fit puts the model
-    if precision == "int8":
-        precision = "auto"  # int8 is for prediction only (calibrate_int8): train as auto would
-    if resolve_precision(precision, device) != "bf16" or torch.device(device).type != "cpu":
+    if training_precision_name(learn, precision) != "bf16":
         yield "fp32"
         return
     autocast = CPUAutocast()
@@ -497,18 +468,176 @@ class TrainingTensorBoard(TensorBoardCallback):
             super().after_batch()
 
 
-def train_classifier(cfg, train_dicts: Sequence[dict], val_dicts: Sequence[dict]) -> Path:
+# ---------------------------------------------------------------- time budget, progress
+
+
+def _with_epochs(cfg, epochs: int):
+    planned = cfg.clone()
+    planned.defrost()
+    planned.CLASSIFIER.EPOCHS = int(epochs)
+    planned.freeze()
+    return planned
+
+
+def measure_batch_seconds(learn: Learner, precision: str, warmup: int = 2, steps: int = 3) -> tuple[float, float]:
+    """(seconds per training batch, seconds per validation batch) of ``learn``'s data and model at
+    ``precision``, measured on a throwaway copy of the model after ``warmup`` batches: data loading
+    and augmentation, forward, loss, backward and an optimizer step; forward only for validation."""
+    model = copy.deepcopy(learn.model)
+    device = next(model.parameters()).device
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-6)
+    resolved = "bf16" if training_precision_name(learn, precision) == "bf16" else "fp32"
+
+    def timed(loader, train: bool, count: int) -> float:
+        model.train(train)
+        batches, started, seen = iter(loader), None, 0
+        for k in range(count + warmup):
+            try:
+                xb, yb = next(batches)
+            except StopIteration:
+                batches = iter(loader)
+                xb, yb = next(batches)
+            if k == warmup:
+                started = time.perf_counter()
+            xb = xb.as_subclass(torch.Tensor).to(device)
+            with torch.set_grad_enabled(train), autocast_context(resolved, device):
+                loss = learn.loss_func(model(xb).float(), yb.as_subclass(torch.Tensor).to(device))
+            if train:
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+            seen += k >= warmup
+        return (time.perf_counter() - started) / max(seen, 1)
+
+    return timed(learn.dls.train, True, steps), timed(learn.dls.valid, False, steps)
+
+
+# fastai's own cost per epoch beyond the batches (metrics, recorder, TensorBoard, progress bars):
+# 0.75 s measured on the 2-core machine with the tiny config, where it dominates; rounded up.
+EPOCH_OVERHEAD_S = 1.0
+
+
+def plan_epochs(cfg, learn: Learner, margin: float = 0.05) -> dict:
+    """The number of one-cycle epochs that ends training, the validation report and the export
+    inside ``CLASSIFIER.TIME_BUDGET_MIN``, from the speeds :func:`measure_batch_seconds` measures
+    (the probe's own time counts). Returns the plan, as saved in ``plan.json``."""
+    started = time.time()
+    s_train, s_valid = measure_batch_seconds(learn, cfg.CLASSIFIER.PRECISION)
+    n_train, n_valid = len(learn.dls.train), len(learn.dls.valid)
+    epoch_s = n_train * s_train + n_valid * s_valid + EPOCH_OVERHEAD_S
+    views = len(TTA_FLIP_DIMS) if cfg.CLASSIFIER.TTA else 1
+    report_s = n_valid * s_valid * views  # the validation report's prediction after training
+    calibration_s = (cfg.CLASSIFIER.INT8_CALIBRATION_IMAGES / cfg.CLASSIFIER.BATCH_SIZE * s_valid
+                     if cfg.CLASSIFIER.PRECISION == "int8" else 0.0)
+    budget_s = 60 * cfg.CLASSIFIER.TIME_BUDGET_MIN * (1 - margin) - (time.time() - started)
+    fit = (budget_s - report_s - calibration_s) / epoch_s
+    epochs = max(1, int(fit))
+    plan = {"budget_min": float(cfg.CLASSIFIER.TIME_BUDGET_MIN), "configured_epochs": int(cfg.CLASSIFIER.EPOCHS),
+            "epochs": epochs, "s_per_train_batch": s_train, "s_per_valid_batch": s_valid, "train_batches": n_train,
+            "valid_batches": n_valid, "expected_s": epochs * epoch_s + report_s + calibration_s,
+            "probe_s": time.time() - started, "started": started,
+            "expected_end": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(time.time() + epochs * epoch_s + report_s))}
+    if fit < 1:
+        logger.warning("classifier: one epoch takes %.0f s, more than the time budget of %g min leaves; training 1",
+                       epoch_s, cfg.CLASSIFIER.TIME_BUDGET_MIN)
+    logger.info("classifier: time budget %g min: %.3f s per training batch, %.3f s per validation batch -> %d epochs "
+                "(configured %d), end ~%s", cfg.CLASSIFIER.TIME_BUDGET_MIN, s_train, s_valid, epochs,
+                cfg.CLASSIFIER.EPOCHS, plan["expected_end"])
+    return plan
+
+
+class RunProgress(Callback):
+    """Writes epoch, batch, smoothed loss and validation ROC AUC to ``runs/<run>/progress.json``, and
+    ends the fit cleanly (``CancelFitException``: the export follows) once ``deadline`` (epoch
+    seconds, the time budget) has passed."""
+
+    order = 90
+
+    def __init__(self, path, deadline: float | None = None):
+        self.path, self.deadline, self.reporter = path, deadline, None
+
+    def before_fit(self):
+        total = self.n_epoch * len(self.dls.train)
+        self.reporter = ProgressReporter(self.path, f"classifier epoch 1/{self.n_epoch}", total, "batch",
+                                         planned_s=(self.deadline - time.time()) if self.deadline else None)
+
+    def after_batch(self):
+        if not self.training:
+            return
+        done = self.epoch * len(self.dls.train) + self.iter + 1
+        self.reporter.update(done=done, step=f"classifier epoch {self.epoch + 1}/{self.n_epoch}",
+                             loss=float(self.learn.smooth_loss))
+        if self.deadline is not None and time.time() > self.deadline:
+            logger.warning("classifier: CLASSIFIER.TIME_BUDGET_MIN is spent at epoch %d/%d, batch %d: ending the fit",
+                           self.epoch + 1, self.n_epoch, self.iter + 1)
+            raise CancelFitException()
+
+    def after_epoch(self):
+        names = [n for n in self.recorder.metric_names if n not in ("epoch", "time")]
+        values = dict(zip(names, self.recorder.values[-1])) if self.recorder.values else {}
+        auc = values.get("roc_auc")
+        self.reporter.update(val_auc=float(auc) if auc is not None else None, force=True)
+
+
+# CLASSIFIER keys that change nothing in the trained weights (prediction settings): an export is
+# reused across changes of these.
+PREDICTION_ONLY_KEYS = ("TTA", "NUM_WORKERS", "BATCH_SIZE_PREDICT")
+
+
+def get_training_fingerprint(cfg, frame: pd.DataFrame) -> dict:
+    """What an export was trained from: the ``CLASSIFIER`` settings that shape the weights, the
+    tile size, the device kind, and a digest of the labelled images (file, label, fold)."""
+    import hashlib
+
+    settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.CLASSIFIER.items()
+                if k not in PREDICTION_ONLY_KEYS}
+    rows = frame[["file_name", "label", "is_valid"]].astype(str).agg(",".join, axis=1)
+    digest = hashlib.sha256("\n".join(rows).encode()).hexdigest()
+    return {"classifier": settings, "image_size": int(cfg.DATA.IMAGE_SIZE),
+            "device": "cuda" if torch.cuda.is_available() else "cpu", "images": len(frame), "data_sha256": digest}
+
+
+def _fingerprint_changes(old: dict, new: dict) -> list[str]:
+    changes = [f"CLASSIFIER.{k}: {old.get('classifier', {}).get(k)!r} -> {v!r}"
+               for k, v in new["classifier"].items() if old.get("classifier", {}).get(k) != v]
+    changes += [f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in ("image_size", "device", "images")
+                if old.get(k) != new[k]]
+    if old.get("data_sha256") != new["data_sha256"] and old.get("images") == new["images"]:
+        changes.append("the images or their labels/folds")
+    return changes
+
+
+def get_output_paths(cfg) -> dict[str, Path]:
+    """Every file a classifier training run writes (``module_config.CLASSIFIER_FILES``), by name."""
+    return {what: get_classifier_path(cfg, what) for what in module_config.CLASSIFIER_FILES if what != "plan"}
+
+
+def train_classifier(cfg, train_dicts: Sequence[dict], val_dicts: Sequence[dict], fresh: bool = False) -> dict[str, Path]:
     """Train with one-cycle for ``CLASSIFIER.EPOCHS`` (on CPU under bf16 autocast where
     ``CLASSIFIER.PRECISION`` resolves to bf16: :func:`training_precision`), export the learner and
     write the validation report (predicted at ``CLASSIFIER.PRECISION``). Labels: an image is
-    ``ship`` when its dict has any annotation. Returns the export path
-    ``runs/<run>/classifier/export.pkl``."""
-    out_dir = get_classifier_dir(cfg)
-    save_cfg(cfg, out_dir)
+    ``ship`` when its dict has any annotation.
+
+    An export trained on the same config and data (:func:`get_training_fingerprint`, stored beside
+    it as ``export.json``) is **reused**, not trained again, unless ``fresh``. When ``fresh`` or the
+    config or data changed, the earlier ``runs/<run>/classifier`` folder is moved aside (never
+    deleted), with a warning naming what changed. Returns :func:`get_output_paths`
+    (``export``: ``runs/<run>/classifier/export.pkl``, ``history``, ``val_thresholds``, ...).
+    """
     frame = get_label_frame(train_dicts, val_dicts)
-    logger.info("classifier: %d train / %d val images, %.1f%% with ships; image size %d, %d epochs",
-                (~frame["is_valid"]).sum(), frame["is_valid"].sum(), 100 * (frame["label"] == SHIP).mean(),
-                cfg.CLASSIFIER.IMAGE_SIZE, cfg.CLASSIFIER.EPOCHS)
+    paths = get_output_paths(cfg)
+    fingerprint = get_training_fingerprint(cfg, frame)
+    old = json.loads(paths["fingerprint"].read_text()) if paths["fingerprint"].is_file() else None
+    if paths["export"].is_file():
+        if old == fingerprint and not fresh:
+            logger.info("classifier: reused %s (trained on the same config and data; --fresh / FRESH = True trains "
+                        "again)", paths["export"])
+            return paths
+        why = "FRESH / --fresh" if fresh else ("; ".join(_fingerprint_changes(old, fingerprint)) if old
+                                                else "no record of what it was trained on")
+        logger.warning("classifier: training again (%s)", why)
+        set_aside(get_classifier_dir(cfg), logger)
+    out_dir = get_classifier_dir(cfg)
     set_seed(cfg.CLASSIFIER.SEED, reproducible=True)
     loss_func = get_loss(cfg, frame)
     dls = build_dataloaders(cfg, frame)
@@ -518,13 +647,24 @@ def train_classifier(cfg, train_dicts: Sequence[dict], val_dicts: Sequence[dict]
         # Satellite tiles are far from ImageNet: train the whole body, at a tenth of the head's LR.
         learn.unfreeze()
         lr = slice(lr / 10, lr)
+    epochs, deadline = cfg.CLASSIFIER.EPOCHS, None
+    if cfg.CLASSIFIER.TIME_BUDGET_MIN > 0:
+        plan = plan_epochs(cfg, learn)
+        epochs, deadline = plan["epochs"], plan["started"] + 60 * cfg.CLASSIFIER.TIME_BUDGET_MIN
+        with atomic_path(get_classifier_path(cfg, "plan")) as tmp:
+            tmp.write_text(json.dumps(plan, indent=1))
+    save_cfg(_with_epochs(cfg, epochs), out_dir)  # the resolved config: the planned epochs
+    logger.info("classifier: %d train / %d val images, %.1f%% with ships; image size %d, %d epochs",
+                (~frame["is_valid"]).sum(), frame["is_valid"].sum(), 100 * (frame["label"] == SHIP).mean(),
+                cfg.CLASSIFIER.IMAGE_SIZE, epochs)
     # Passed to fit, not to the learner, so the exported learner carries no writer.
-    tensorboard = TrainingTensorBoard(log_dir=str(out_dir), trace_model=False, log_preds=False)
+    callbacks = [TrainingTensorBoard(log_dir=str(out_dir), trace_model=False, log_preds=False),
+                 RunProgress(module_config.get_progress_path(cfg), deadline)]
     with training_precision(learn, cfg.CLASSIFIER.PRECISION) as precision:
         logger.info("classifier: training at %s (CLASSIFIER.PRECISION %s)", precision, cfg.CLASSIFIER.PRECISION)
-        learn.fit_one_cycle(cfg.CLASSIFIER.EPOCHS, lr, cbs=[tensorboard])
+        learn.fit_one_cycle(epochs, lr, cbs=callbacks)
     history = get_history(learn)
-    with atomic_path(out_dir / "history.csv") as tmp:
+    with atomic_path(paths["history"]) as tmp:
         history.to_csv(tmp, index=False)
 
     if cfg.CLASSIFIER.PRECISION == "int8":
@@ -532,18 +672,19 @@ def train_classifier(cfg, train_dicts: Sequence[dict], val_dicts: Sequence[dict]
         logger.info("classifier: calibrating int8 on %d training images", len(calibration))
         calibrate_int8(learn, calibration, batch_size=cfg.CLASSIFIER.BATCH_SIZE)
 
-    export_path = out_dir / "export.pkl"
-    with atomic_path(export_path) as tmp:
+    with atomic_path(paths["export"]) as tmp:
         learn.export(tmp)
-    logger.info("classifier exported to %s", export_path)
+    logger.info("classifier exported to %s", paths["export"])
 
     val = frame[frame["is_valid"]]
     predictions = predict_p_ship(learn, val["file_name"].tolist(), batch_size=cfg.CLASSIFIER.BATCH_SIZE,
                                  tta=cfg.CLASSIFIER.TTA, num_workers=cfg.CLASSIFIER.NUM_WORKERS,
                                  precision=cfg.CLASSIFIER.PRECISION)
     predictions.insert(1, "has_ship", (val["label"] == SHIP).to_numpy())
-    write_validation_report(predictions, out_dir)
-    return export_path
+    write_validation_report(predictions, cfg)
+    with atomic_path(paths["fingerprint"]) as tmp:  # last: the export is complete and reported
+        tmp.write_text(json.dumps(fingerprint, indent=1))
+    return paths
 
 
 def get_history(learn: Learner) -> pd.DataFrame:
@@ -579,37 +720,21 @@ def get_threshold_table(has_ship: np.ndarray, p_ship: np.ndarray,
     return pd.DataFrame(rows)
 
 
-def write_validation_report(predictions: pd.DataFrame, out_dir: str | os.PathLike) -> pd.DataFrame:
-    """Write ``val_predictions.csv``, ``val_thresholds.csv`` and ``val_thresholds.png`` into
-    ``out_dir``; ``predictions`` has columns ImageId, has_ship, p_ship. Returns the threshold table."""
-    import matplotlib
+def write_validation_report(predictions: pd.DataFrame, cfg) -> pd.DataFrame:
+    """Write ``val_predictions.csv``, ``val_thresholds.csv`` and ``val_thresholds.png`` into the
+    run's classifier folder; ``predictions`` has columns ImageId, has_ship, p_ship. Returns the
+    threshold table."""
+    import module_plots
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out_dir = Path(out_dir)
     table = get_threshold_table(predictions["has_ship"], predictions["p_ship"])
     auc = roc_auc_or_nan(predictions["has_ship"].to_numpy(), predictions["p_ship"].to_numpy())
-    with atomic_path(out_dir / "val_predictions.csv") as tmp:
+    with atomic_path(get_classifier_path(cfg, "val_predictions")) as tmp:
         predictions.to_csv(tmp, index=False)
-    with atomic_path(out_dir / "val_thresholds.csv") as tmp:
+    with atomic_path(get_classifier_path(cfg, "val_thresholds")) as tmp:
         table.to_csv(tmp, index=False)
-
-    fig, (ax_t, ax_pr) = plt.subplots(1, 2, figsize=(11, 4.5))
-    for column in ("precision", "recall", "kept_fraction"):
-        ax_t.plot(table["threshold"], table[column], marker=".", label=column)
-    ax_t.set(xlabel="threshold on p_ship", ylim=(-0.02, 1.02), title="ship gate on the validation split")
-    ax_t.legend()
-    ax_t.grid(alpha=0.3)
-    ax_pr.plot(table["recall"], table["precision"], marker=".")
-    ax_pr.set(xlabel="recall (ship images kept)", ylabel="precision", xlim=(-0.02, 1.02), ylim=(-0.02, 1.02),
-              title=f"precision-recall, ROC AUC {auc:.3f} ({len(predictions)} images)")
-    ax_pr.grid(alpha=0.3)
-    fig.tight_layout()
-    with atomic_path(out_dir / "val_thresholds.png") as tmp:
-        fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    logger.info("validation ROC AUC %.4f; report in %s\n%s", auc, out_dir / "val_thresholds.csv",
+    module_plots.save_figure(module_plots.plot_gate_report(table, auc, len(predictions)),
+                             get_classifier_path(cfg, "val_thresholds_plot"))
+    logger.info("validation ROC AUC %.4f; report in %s\n%s", auc, get_classifier_path(cfg, "val_thresholds"),
                 table.to_string(index=False, float_format="%.3f"))
     return table
 
@@ -641,7 +766,9 @@ def predict_p_ship(learner: Learner, image_paths: Sequence[str | os.PathLike], b
     learner must carry a calibration (:func:`calibrate_int8`), else this raises before any image is read.
     ``on_bad_image``: ``"error"`` raises at the first missing/corrupt file, naming it; ``"skip"``
     leaves missing and unreadable files out, logs them and lists them in ``result.attrs["skipped"]``
-    (when a corrupt file stops the batched pass, every image is checked and the pass is redone).
+    (paths) and ``result.attrs["reasons"]`` (when a corrupt file stops the batched pass, every
+    image is checked and the pass is redone). Images must have the tile size the classifier was
+    trained on (``DATA.IMAGE_SIZE``, kept in the export): another size is a bad image.
     """
     if on_bad_image not in BAD_IMAGE_POLICIES:
         raise ValueError(f"on_bad_image {on_bad_image!r}: expected one of {BAD_IMAGE_POLICIES}")
@@ -655,6 +782,7 @@ def predict_p_ship(learner: Learner, image_paths: Sequence[str | os.PathLike], b
         raise ValueError(f"image file names must be unique (they are the ImageIds); repeated: "
                          f"{sorted(set(names[names.duplicated()]))[:5]}")
     skipped = [p for p in paths if not p.is_file()]
+    reasons = ["missing file"] * len(skipped)
     if skipped and on_bad_image == "error":
         raise FileNotFoundError(f"{len(skipped)} image(s) do not exist, e.g. {[str(p) for p in skipped[:3]]}")
     paths = [p for p in paths if p.is_file()]
@@ -667,15 +795,26 @@ def predict_p_ship(learner: Learner, image_paths: Sequence[str | os.PathLike], b
             raise
         # Only now pay for a check of every image: the usual all-readable case decodes each once.
         logger.warning("an image could not be read, checking all %d: %s", len(paths), str(exc).splitlines()[-1])
-        paths, unreadable = check_images(paths)
-        skipped += unreadable
+        problems = check_images(paths, _opener_image_size(learner), progress=progress)
+        skipped += [p for p in paths if str(p) in problems]
+        reasons += [problems[str(p)] for p in paths if str(p) in problems]
+        paths = [p for p in paths if str(p) not in problems]
         if paths:
             p_ship = _predict_batches(learner, paths, batch_size, tta, num_workers, progress, precision)
     if skipped:
         logger.warning("skipped %d unreadable image(s): %s", len(skipped), [str(p) for p in skipped])
     result = pd.DataFrame({"ImageId": [p.name for p in paths], "p_ship": p_ship})
     result.attrs["skipped"] = [str(p) for p in skipped]
+    result.attrs["reasons"] = reasons
     return result
+
+
+def _opener_image_size(learner: Learner) -> int | None:
+    """The tile size the learner's image opener enforces (``DATA.IMAGE_SIZE`` at training), or None."""
+    for transform in learner.dls.train_ds.tls[0].tfms.fs:
+        if isinstance(transform, ReducedImageOpener):
+            return getattr(transform, "image_size", None)
+    return None
 
 
 def _predict_batches(learner: Learner, paths: list[Path], batch_size: int, tta: bool, num_workers: int,
@@ -722,50 +861,54 @@ def write_predictions(predictions: pd.DataFrame, out: str | os.PathLike) -> Path
 # ---------------------------------------------------------------- command line
 
 
-def parse_overrides(opts: Sequence[str]) -> list[str]:
-    """``["A.B=1", "C.D", "2"]`` -> ``["A.B", "1", "C.D", "2"]`` (both KEY=VALUE and KEY VALUE)."""
-    flat = []
-    for token in opts:
-        key, sep, value = token.partition("=")
-        flat.extend([key, value] if sep and key.replace(".", "").replace("_", "").isalnum() else [token])
-    return flat
-
-
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Ship / no-ship classifier: train, or predict p_ship for a folder.")
     commands = parser.add_subparsers(dest="command", required=True)
-    train = commands.add_parser("train", help="train on the config's data, export runs/<run>/classifier/export.pkl")
+    train = commands.add_parser("train", help="train on the config's data, export runs/<run>/classifier/export.pkl; "
+                                              "an export of the same config and data is reused")
+    train.add_argument("--fresh", action="store_true",
+                       help="train again even if the export matches (the earlier folder is moved aside, not deleted)")
     predict = commands.add_parser("predict", help="write ImageId,p_ship for every image in a folder")
-    for sub in (train, predict):
-        sub.add_argument("--config", required=True, help="YAML config, e.g. configs/demo.yaml")
-        sub.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY=VALUE or KEY VALUE")
     predict.add_argument("--images", required=True, help="folder of images")
     predict.add_argument("--out", required=True, help="CSV to write (ImageId,p_ship)")
     predict.add_argument("--model", default=None, help="exported learner (default runs/<run>/classifier/export.pkl)")
     predict.add_argument("--tta", default=None, action=argparse.BooleanOptionalAction,
                          help="flip TTA (default CLASSIFIER.TTA)")
     predict.add_argument("--on-bad-image", choices=BAD_IMAGE_POLICIES, default="error",
-                         help="missing/corrupt image: stop naming it, or skip and list it")
+                         help="missing/corrupt/wrong-size image: stop naming it, or skip and list it")
+    predict.add_argument("--max-failed", type=float, default=None,
+                         help="with --on-bad-image skip: exit 1 when more images fail (a share if < 1, else a count; "
+                              "default SUBMIT.MAX_FAILED); the report of failed files is written either way")
+    for sub in (train, predict):
+        module_config.add_config_args(sub)
     return parser
 
 
-def main(args: argparse.Namespace) -> Path:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
-    cfg = get_cfg(args.config, parse_overrides(args.opts))
+def main(args: argparse.Namespace) -> dict[str, Path] | Path:
+    module_config.setup_logging()
+    cfg = module_config.get_cfg_from_args(args)
     if args.command == "train":
-        from module_preprocessing import get_train_val_dicts
-        train_dicts, val_dicts = get_train_val_dicts(cfg)
-        return train_classifier(cfg, train_dicts, val_dicts)
+        import module_preprocessing
+        import module_synthetic
+
+        module_synthetic.prepare_synthetic_input(cfg)
+        train_dicts, val_dicts = module_preprocessing.get_train_val_dicts(cfg)
+        return train_classifier(cfg, train_dicts, val_dicts, fresh=args.fresh)
     images = list_images(args.images)
-    learner = load_classifier(args.model or get_classifier_dir(cfg) / "export.pkl")
+    learner = load_classifier(args.model or get_classifier_path(cfg))
     tta = cfg.CLASSIFIER.TTA if args.tta is None else args.tta
     predictions = predict_p_ship(learner, images, batch_size=cfg.CLASSIFIER.BATCH_SIZE, tta=tta,
                                  num_workers=cfg.CLASSIFIER.NUM_WORKERS, on_bad_image=args.on_bad_image,
                                  precision=cfg.CLASSIFIER.PRECISION)
     out = write_predictions(predictions, args.out)
     logger.info("wrote p_ship of %d images to %s", len(predictions), out)
-    if predictions.attrs["skipped"]:
-        logger.warning("%d image(s) skipped: %s", len(predictions.attrs["skipped"]), predictions.attrs["skipped"])
+    skipped = predictions.attrs["skipped"]
+    failures = pd.DataFrame({"ImageId": [Path(p).name for p in skipped], "reason": predictions.attrs["reasons"]})
+    report = write_failure_report(failures, out)
+    if skipped:
+        logger.warning("%d image(s) skipped (%s): %s", len(skipped), report, skipped[:10])
+    check_failure_limit(len(skipped), len(images), cfg.SUBMIT.MAX_FAILED if args.max_failed is None else args.max_failed,
+                        report)
     return out
 
 

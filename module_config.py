@@ -1,34 +1,70 @@
-"""The pipeline's one config: every default, with a comment, in one place.
+"""The pipeline's one config: every default with a comment, its valid range, and the run folder's layout.
 
 The config is a detectron2 ``CfgNode``: detectron2's own keys (``MODEL``, ``SOLVER``, ``INPUT``,
 ``DATALOADER``, ...) start from the model-zoo base ``COCO-InstanceSegmentation/
 mask_rcnn_R_50_FPN_3x.yaml``; :func:`add_airbus_config` adds the project's groups (``PATHS``,
 ``DATA``, ``SYNTH``, ``CLASSIFIER``, ``DETECTOR``, ``SUBMIT``) and sets the project's defaults for
 detectron2 keys. :func:`get_cfg` then merges a YAML file (which may name a ``_BASE_``) and
-``KEY VALUE`` overrides. Merging is strict: a misspelt key raises ``KeyError``.
+overrides (``KEY VALUE`` or ``KEY=VALUE``), and checks every value against :data:`VALID`, the
+ranges kept next to the defaults. Merging is strict: a misspelt key raises ``KeyError``; a value
+out of range raises ``ValueError`` naming the key, the value and the valid range.
 
     cfg = get_cfg("configs/demo.yaml", ["CLASSIFIER.EPOCHS", "2"])
     run_dir = get_run_dir(cfg)        # runs/<PATHS.RUN_NAME>
     save_cfg(cfg, run_dir)            # runs/<run>/config.yaml, written atomically
 
-Importing this module does nothing but define functions.
+Also here, once: the **run folder's layout** (``get_*_path(cfg)``: every file the pipeline writes
+under ``runs/<run>/``), the detector's **resolution stages** (:func:`get_stages`) and their
+detectron2 configs (:func:`get_model_cfg`), and the **command-line convention** every module
+follows (:func:`add_config_args`, :func:`parse_overrides`, :func:`setup_logging`).
+
+Imports nothing of the project but :mod:`module_files` (atomic writes). Importing this module does
+nothing but define functions.
 """
 from __future__ import annotations
 
-import contextlib
+import argparse
+import dataclasses
+import logging
+import math
 import os
-import tempfile
+import re
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Sequence
 
-from detectron2 import model_zoo
-from detectron2.config import CfgNode as CN
-from detectron2.config import get_cfg as get_detectron2_cfg
+import contextlib
+import warnings
+from typing import Iterator
+
+
+@contextlib.contextmanager
+def quiet_jit_deprecation() -> Iterator[None]:
+    """Silence, for the block, the FutureWarning that ``torch.jit.script`` is deprecated: detectron2,
+    fvcore and fastai script a few functions at import, ~20 warnings on every ``--help`` otherwise."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".torch\.jit\.script. is deprecated", category=FutureWarning)
+        yield
+
+
+with quiet_jit_deprecation():
+    from detectron2 import model_zoo
+    from detectron2.config import CfgNode as CN
+    from detectron2.config import get_cfg as get_detectron2_cfg
+
+from module_files import atomic_path
 
 BASE_MODEL_CONFIG = "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml"
 COCO_MASK_RCNN_WEIGHTS = (
     "detectron2://COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x/137849600/model_final_f10217.pkl"
 )
+DEFAULT_CONFIG = "configs/airbus.yaml"  # what every command line uses without --config
+
+# Values the choice keys take (each module imports its tuple from here).
+CHECK_MODES = ("off", "error", "skip")  # DATA.CHECK_IMAGES
+BALANCE_MODES = ("weights", "sampler", "none")  # CLASSIFIER.BALANCE
+PRECISIONS = ("auto", "fp32", "bf16", "int8")  # CLASSIFIER.PRECISION
+BEST_METRICS = ("f2_ships", "f2")  # DETECTOR.BEST_METRIC
+NORMS = ("BN", "GN", "SyncBN")  # DETECTOR.RANDOM_INIT_NORM
 
 
 def add_airbus_config(cfg: CN) -> CN:
@@ -106,6 +142,9 @@ def add_airbus_config(cfg: CN) -> CN:
     # p_ship strays further from fp32 (BENCHMARKS.md).
     cfg.CLASSIFIER.PRECISION = "auto"
     cfg.CLASSIFIER.INT8_CALIBRATION_IMAGES = 256  # training images (seeded sample) that calibrate int8
+    # Wall-clock budget of classifier training in minutes (0: train CLASSIFIER.EPOCHS as set). A
+    # timed probe of a few batches after warmup sets the number of epochs that ends inside it.
+    cfg.CLASSIFIER.TIME_BUDGET_MIN = 0.0
 
     # ---------------------------------------------------------------- detector
     cfg.DETECTOR = CN()
@@ -138,6 +177,10 @@ def add_airbus_config(cfg: CN) -> CN:
     cfg.DETECTOR.SEED = 0
     cfg.DETECTOR.LOG_PERIOD = 20  # write losses/LR to the log, metrics.json, TensorBoard every N iterations
     cfg.DETECTOR.MAX_CHECKPOINTS_KEPT = 3  # periodic checkpoints kept per stage (0: all)
+    # Wall-clock budget of detector training (all stages) in minutes (0: the iterations as set). A
+    # timed probe at each stage's size sets the iterations so that training ends inside it; the
+    # stages keep their proportions, warmup and LR steps scale with them.
+    cfg.DETECTOR.TIME_BUDGET_MIN = 0.0
 
     # ---------------------------------------------------------------- submission
     cfg.SUBMIT = CN()
@@ -147,6 +190,9 @@ def add_airbus_config(cfg: CN) -> CN:
     cfg.SUBMIT.MIN_AREA = 20  # masks smaller than this (px, after overlap removal) are dropped
     cfg.SUBMIT.TTA = False  # flip TTA for the detector, masks merged
     cfg.SUBMIT.BATCH_SIZE = 8  # detector images per forward pass
+    # `predict` fails (exit 1, the report of failed files still written) when more images than
+    # this cannot be read: a share of the images when < 1, else a count.
+    cfg.SUBMIT.MAX_FAILED = 0.01
     # Grids searched by `module_submit.py tune` on the validation split. Classifier threshold 0
     # is the detector alone (no gate); high score thresholds let it stay silent on doubtful images.
     cfg.SUBMIT.TUNE_CLASSIFIER_THRESHOLDS = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
@@ -178,10 +224,133 @@ def add_airbus_config(cfg: CN) -> CN:
     return cfg
 
 
-def get_cfg(config_file: str | os.PathLike | None = None, opts: Sequence[str] = ()) -> CN:
-    """Return the frozen config: defaults <- ``config_file`` <- ``opts`` (``KEY VALUE`` pairs).
+# ============================================================================ valid values
+def _number(low: float | None = None, high: float | None = None, *, integer: bool = False,
+            low_open: bool = False, high_open: bool = False) -> tuple[Callable, str]:
+    """A check for a number in [low, high] (open ends as asked), and its text for the error."""
+    def check(value) -> bool:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return False
+        if integer and value != int(value):
+            return False
+        if low is not None and (value <= low if low_open else value < low):
+            return False
+        return high is None or (value < high if high_open else value <= high)
 
-    Unknown keys raise ``KeyError`` naming the key. ``MODEL.DEVICE: auto`` is resolved here.
+    kind = "an integer" if integer else "a number"
+    if low is not None and high is not None:
+        text = f"{kind} in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    elif low is not None:
+        text = f"{kind} {'>' if low_open else '>='} {low:g}"
+    else:
+        text = kind
+    return check, text
+
+
+def _each(rule: tuple[Callable, str]) -> tuple[Callable, str]:
+    check, text = rule
+    return (lambda values: isinstance(values, (list, tuple)) and len(values) > 0 and all(check(v) for v in values),
+            f"a non-empty list, each {text}")
+
+
+def _one_of(values: Sequence[str]) -> tuple[Callable, str]:
+    return (lambda value: value in values), f"one of {', '.join(map(repr, values))}"
+
+
+PROBABILITY = _number(0, 1)
+FRACTION = _number(0, 1, high_open=True)  # a share that must leave something: [0, 1)
+POSITIVE_INT = _number(1, integer=True)
+COUNT = _number(0, integer=True)  # 0 or more
+DEGREES = _number(0, 180)
+
+# The valid values of the project's keys (and of the detectron2 keys it relies on), checked by
+# get_cfg once the file and the overrides are merged. One table, next to the defaults above.
+VALID: dict[str, tuple[Callable, str]] = {
+    "DATA.IMAGE_SIZE": POSITIVE_INT,
+    "DATA.CHECK_IMAGES": _one_of(CHECK_MODES),
+    "DATA.VAL_FRACTION": _number(0, 1, low_open=True, high_open=True),
+    "DATA.SPLIT_SEED": COUNT,
+    "DATA.MAX_IMAGES": COUNT,
+    "SYNTH.N_TRAIN": POSITIVE_INT,
+    "SYNTH.N_TEST": POSITIVE_INT,
+    "SYNTH.SEED": COUNT,
+    "SYNTH.EMPTY_FRACTION": FRACTION,
+    "SYNTH.IMAGE_SIZE": _number(32, integer=True),
+    "CLASSIFIER.IMAGE_SIZE": _number(16, integer=True),
+    "CLASSIFIER.BATCH_SIZE": POSITIVE_INT,
+    "CLASSIFIER.EPOCHS": POSITIVE_INT,
+    "CLASSIFIER.LR": _number(0, low_open=True),
+    "CLASSIFIER.BALANCE": _one_of(BALANCE_MODES),
+    "CLASSIFIER.NUM_WORKERS": COUNT,
+    "CLASSIFIER.MAX_ROTATE": DEGREES,
+    "CLASSIFIER.MAX_LIGHTING": FRACTION,
+    "CLASSIFIER.SEED": COUNT,
+    "CLASSIFIER.PRECISION": _one_of(PRECISIONS),
+    "CLASSIFIER.INT8_CALIBRATION_IMAGES": POSITIVE_INT,
+    "CLASSIFIER.TIME_BUDGET_MIN": _number(0),
+    "DETECTOR.EMPTY_FRACTION": FRACTION,
+    "DETECTOR.HFLIP_PROB": PROBABILITY,
+    "DETECTOR.VFLIP_PROB": PROBABILITY,
+    "DETECTOR.ROTATION_DEG": DEGREES,
+    "DETECTOR.LIGHTING_STD": _number(0, 1),
+    "DETECTOR.EVAL_PERIOD": COUNT,
+    "DETECTOR.BEST_METRIC": _one_of(BEST_METRICS),
+    "DETECTOR.VIS_IMAGES": COUNT,
+    "DETECTOR.EVAL_MAX_IMAGES": COUNT,
+    "DETECTOR.EVAL_BATCH_SIZE": POSITIVE_INT,
+    "DETECTOR.LR_DECAY_AT": (lambda v: isinstance(v, (list, tuple)) and all(_number(0, 1, low_open=True,
+                             high_open=True)[0](f) for f in v), "a list of fractions in (0, 1)"),
+    "DETECTOR.RANDOM_INIT_NORM": _one_of(NORMS),
+    "DETECTOR.SEED": _number(-1, integer=True),
+    "DETECTOR.LOG_PERIOD": POSITIVE_INT,
+    "DETECTOR.MAX_CHECKPOINTS_KEPT": COUNT,
+    "DETECTOR.TIME_BUDGET_MIN": _number(0),
+    "SUBMIT.CLASSIFIER_THRESHOLD": PROBABILITY,
+    "SUBMIT.SCORE_THRESHOLD": PROBABILITY,
+    "SUBMIT.MIN_AREA": COUNT,
+    "SUBMIT.BATCH_SIZE": POSITIVE_INT,
+    "SUBMIT.MAX_FAILED": _number(0),
+    "SUBMIT.TUNE_CLASSIFIER_THRESHOLDS": _each(PROBABILITY),
+    "SUBMIT.TUNE_SCORE_THRESHOLDS": _each(PROBABILITY),
+    "SUBMIT.TUNE_MIN_AREAS": _each(COUNT),
+    "SOLVER.IMS_PER_BATCH": POSITIVE_INT,
+    "SOLVER.CHECKPOINT_PERIOD": POSITIVE_INT,
+    "SOLVER.GAMMA": _number(0, 1, low_open=True),
+    "MODEL.ROI_HEADS.NUM_CLASSES": POSITIVE_INT,
+    "DATALOADER.NUM_WORKERS": COUNT,
+    "TEST.DETECTIONS_PER_IMAGE": POSITIVE_INT,
+}
+
+
+def _lookup(cfg: CN, dotted: str):
+    node = cfg
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def check_cfg(cfg: CN, source: str = "") -> None:
+    """Raise ``ValueError`` naming the key, the value and the valid range for the first value out of
+    :data:`VALID` (and for a malformed ``DETECTOR.STAGES``: :func:`get_stages`)."""
+    where = f"{source}: " if source else ""
+    for key, (check, expected) in VALID.items():
+        if _has_key(cfg, key):
+            value = _lookup(cfg, key)
+            if not check(value):
+                raise ValueError(f"{where}{key} is {value!r}; expected {expected}")
+    try:
+        get_stages(cfg)
+    except ValueError as exc:
+        raise ValueError(f"{where}{exc}") from None
+
+
+# ============================================================================ loading
+def get_cfg(config_file: str | os.PathLike | None = None, opts: Sequence[str] = ()) -> CN:
+    """Return the frozen, checked config: defaults <- ``config_file`` <- ``opts``.
+
+    ``opts``: ``KEY VALUE`` pairs, ``KEY=VALUE`` tokens, or both (:func:`parse_overrides`).
+    Unknown keys raise ``KeyError`` naming the key; values out of range ``ValueError`` naming the
+    key, the value and the range (:func:`check_cfg`). ``MODEL.DEVICE: auto`` is resolved here.
     """
     cfg = get_detectron2_cfg()
     cfg.merge_from_file(model_zoo.get_config_file(BASE_MODEL_CONFIG))
@@ -193,12 +362,12 @@ def get_cfg(config_file: str | os.PathLike | None = None, opts: Sequence[str] = 
             cfg.merge_from_file(str(config_file))
         except KeyError as exc:
             raise KeyError(f"{config_file}: {exc.args[0]} (see module_config.py for every key)") from None
-    if len(opts) % 2:
-        raise ValueError(f"overrides must be KEY VALUE pairs, got an odd number: {list(opts)}")
+    opts = parse_overrides(opts)
     for key in opts[0::2]:
         if not _has_key(cfg, key):
             raise KeyError(f"override {key!r}: no such config key (see module_config.py)")
     cfg.merge_from_list(_floats_for_float_keys(cfg, opts))
+    check_cfg(cfg, " ".join(filter(None, [str(config_file or ""), "with overrides" if opts else ""])))
     if cfg.MODEL.DEVICE == "auto":
         import torch
 
@@ -207,16 +376,33 @@ def get_cfg(config_file: str | os.PathLike | None = None, opts: Sequence[str] = 
     return cfg
 
 
+def parse_overrides(opts: Sequence[str]) -> list[str]:
+    """Config overrides as flat ``[KEY, VALUE, ...]``: ``KEY VALUE`` pairs and ``KEY=VALUE`` tokens
+    (``["A.B=1", "C.D", "2"]`` -> ``["A.B", "1", "C.D", "2"]``). An odd count is a ``ValueError``."""
+    flat: list[str] = []
+    expect_value = False
+    for token in opts:
+        token = str(token)
+        key, sep, value = token.partition("=")
+        if not expect_value and sep and re.fullmatch(r"[A-Z0-9_]+(\.[A-Z0-9_]+)+", key):
+            flat.extend([key, value])
+        else:
+            flat.append(token)
+            expect_value = not expect_value
+    if len(flat) % 2:
+        raise ValueError(f"overrides must be KEY VALUE pairs (or KEY=VALUE), got an odd number: {list(opts)}")
+    return flat
+
+
 def _floats_for_float_keys(cfg: CN, opts: Sequence[str]) -> list:
     """``opts`` with integer literals given to float keys made floats (``SUBMIT.MIN_SCORE 0`` is fine)."""
+    import contextlib
     from ast import literal_eval
 
     out = list(opts)
     for k in range(0, len(out), 2):
         value = out[k + 1]
-        current = cfg
-        for part in out[k].split("."):
-            current = current[part]
+        current = _lookup(cfg, out[k])
         if isinstance(current, float) and isinstance(value, str):
             with contextlib.suppress(ValueError, SyntaxError):
                 parsed = literal_eval(value)
@@ -234,6 +420,43 @@ def _has_key(cfg: CN, dotted: str) -> bool:
     return True
 
 
+def save_cfg(cfg: CN, run_dir: str | os.PathLike) -> Path:
+    """Write the resolved config to ``run_dir/config.yaml`` (atomically) and return its path."""
+    out = Path(run_dir) / "config.yaml"
+    with atomic_path(out) as tmp:
+        tmp.write_text(cfg.dump())
+    return out
+
+
+# ============================================================================ command line
+def add_config_args(parser: argparse.ArgumentParser, overrides: bool = True) -> argparse.ArgumentParser:
+    """The options every command with a config takes: ``--config`` (default :data:`DEFAULT_CONFIG`)
+    and trailing overrides (``KEY VALUE`` or ``KEY=VALUE``)."""
+    parser.add_argument("--config", default=DEFAULT_CONFIG,
+                        help=f"pipeline config YAML (default {DEFAULT_CONFIG}; configs/demo.yaml: generated data)")
+    if overrides:
+        parser.add_argument("opts", nargs=argparse.REMAINDER, default=[],
+                            help="config overrides: KEY VALUE or KEY=VALUE, e.g. CLASSIFIER.EPOCHS 2")
+    return parser
+
+
+def get_cfg_from_args(args: argparse.Namespace) -> CN:
+    """:func:`get_cfg` of a namespace made by a parser with :func:`add_config_args`."""
+    return get_cfg(args.config, getattr(args, "opts", []) or [])
+
+
+LOG_FORMAT = "[%(asctime)s %(name)s %(levelname)s] %(message)s"
+
+
+def setup_logging(rank: int = 0) -> None:
+    """INFO logging to stderr for rank 0 (WARNING for other ranks), unless the process already set
+    logging up (a notebook, a test): the one logging set-up of every command line."""
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format=LOG_FORMAT)
+
+
+# ============================================================================ run folder layout
 def get_run_dir(cfg: CN) -> Path:
     """``PATHS.RUNS_DIR/PATHS.RUN_NAME``, created if missing."""
     run_dir = Path(cfg.PATHS.RUNS_DIR) / cfg.PATHS.RUN_NAME
@@ -247,33 +470,199 @@ def get_input_path(cfg: CN, name: str) -> Path:
     return path if path.is_absolute() else Path(cfg.PATHS.INPUT_DIR) / path
 
 
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
+def _in_dir(folder: Path, name: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / name
 
-    A crash mid-write leaves the previous file intact. The suffix is kept so that writers that
-    infer the format from it (pandas, matplotlib, torch) behave the same.
+
+# Every file the pipeline writes under runs/<run>/, by component: {what: file name}.
+CLASSIFIER_FILES = {
+    "export": "export.pkl",  # the fastai learner (module_classifier.load_classifier)
+    "fingerprint": "export.json",  # config and data the export was trained on (reuse check)
+    "history": "history.csv",  # per-epoch losses and metrics
+    "val_predictions": "val_predictions.csv",  # ImageId, has_ship, p_ship of the validation split
+    "val_thresholds": "val_thresholds.csv",  # the gate's precision/recall over thresholds
+    "val_thresholds_plot": "val_thresholds.png",
+    "plan": "plan.json",  # the time-budget plan (CLASSIFIER.TIME_BUDGET_MIN)
+}
+DETECTOR_FILES = {
+    "best": "model_best.pth",  # best weights over all stages by DETECTOR.BEST_METRIC
+    "best_info": "model_best.json",
+    "val_metrics": "val_metrics.jsonl",  # one line per validation
+    "log": "log.txt",
+    "plan": "plan.json",  # the time-budget plan (DETECTOR.TIME_BUDGET_MIN)
+}
+STAGE_FILES = {
+    "final": "model_final.pth",  # a finished stage's weights
+    "last_checkpoint": "last_checkpoint",  # detectron2's tag of the latest checkpoint
+    "metrics": "metrics.json",  # detectron2's JSON lines of losses and validation scalars
+    "fingerprint": "stage.json",  # the settings the stage was trained with (resume check)
+}
+SUBMISSION_FILES = {
+    "submission": "submission.csv",
+    "thresholds": "thresholds.yaml",  # what `tune` chose and `predict` uses
+    "tune_grid": "tune_grid.csv",
+    "tune_cache": "tune_cache.pkl",  # the models' outputs on the validation split
+    "tune_errors": "tune_errors.csv",  # the error report of the chosen thresholds
+}
+PLOT_FILES = {
+    "tune_f2": "tune_f2.png",
+    "val_overlays": "val_overlays.png",
+    "tune_errors": "tune_errors.png",
+    "score_errors": "score_errors.png",
+}
+
+
+def _named(files: dict[str, str], what: str, component: str) -> str:
+    if what not in files:
+        raise KeyError(f"{component} file {what!r}: expected one of {sorted(files)}")
+    return files[what]
+
+
+def get_classifier_dir(cfg: CN) -> Path:
+    """``runs/<run>/classifier`` (created)."""
+    return _in_dir(get_run_dir(cfg), "classifier")
+
+
+def get_classifier_path(cfg: CN, what: str = "export") -> Path:
+    """A classifier output (:data:`CLASSIFIER_FILES`): ``runs/<run>/classifier/export.pkl`` by default."""
+    return get_classifier_dir(cfg) / _named(CLASSIFIER_FILES, what, "classifier")
+
+
+def get_detector_dir(cfg: CN) -> Path:
+    """``runs/<run>/detector`` (created)."""
+    return _in_dir(get_run_dir(cfg), "detector")
+
+
+def get_detector_path(cfg: CN, what: str = "best") -> Path:
+    """A detector output (:data:`DETECTOR_FILES`): ``runs/<run>/detector/model_best.pth`` by default."""
+    return get_detector_dir(cfg) / _named(DETECTOR_FILES, what, "detector")
+
+
+def get_stage_dir(cfg: CN, stage: "Stage") -> Path:
+    """``runs/<run>/detector/stage<i>_<size>`` (not created)."""
+    return get_detector_dir(cfg) / stage.name
+
+
+def get_stage_path(cfg: CN, stage: "Stage", what: str = "final") -> Path:
+    """A stage output (:data:`STAGE_FILES`): ``runs/<run>/detector/stage<i>_<size>/model_final.pth`` by default."""
+    return get_stage_dir(cfg, stage) / _named(STAGE_FILES, what, "stage")
+
+
+STAGE_FOLDER = re.compile(r"^stage(\d+)_(\d+)$")  # Stage.name; earlier runs moved aside get a suffix
+
+
+def get_submission_dir(cfg: CN) -> Path:
+    """``runs/<run>/submission`` (created)."""
+    return _in_dir(get_run_dir(cfg), "submission")
+
+
+def get_submission_path(cfg: CN, what: str = "submission") -> Path:
+    """A submission output (:data:`SUBMISSION_FILES`): ``runs/<run>/submission/submission.csv`` by default."""
+    return get_submission_dir(cfg) / _named(SUBMISSION_FILES, what, "submission")
+
+
+def get_plot_path(cfg: CN, what: str) -> Path:
+    """A picture the pipeline saves (:data:`PLOT_FILES`) in ``runs/<run>/plots``."""
+    return _in_dir(get_run_dir(cfg), "plots") / _named(PLOT_FILES, what, "plot")
+
+
+def get_split_path(cfg: CN) -> Path:
+    """``runs/<run>/split.csv``: each training image's fold and overlap group (reused while valid)."""
+    return get_run_dir(cfg) / "split.csv"
+
+
+def get_scores_path(cfg: CN) -> Path:
+    """``runs/<run>/scores.json``: the local test score the notebook writes."""
+    return get_run_dir(cfg) / "scores.json"
+
+
+def get_progress_path(cfg: CN) -> Path:
+    """``runs/<run>/progress.json``: what is running now (step, epoch or iteration, loss, ETA)."""
+    return get_run_dir(cfg) / "progress.json"
+
+
+# ============================================================================ detector stages
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One resolution stage of ``DETECTOR.STAGES`` (index counts from 1)."""
+
+    index: int
+    size: int  # input side in px: images and masks are resized to size x size
+    iterations: int
+    base_lr: float
+    warmup: int  # linear warmup iterations
+
+    @property
+    def name(self) -> str:
+        return f"stage{self.index}_{self.size}"
+
+
+def get_stages(cfg: CN) -> list[Stage]:
+    """``DETECTOR.STAGES`` checked and parsed; a bad entry raises ``ValueError`` naming it."""
+    raw = cfg.DETECTOR.STAGES
+    if not raw:
+        raise ValueError("DETECTOR.STAGES is empty: give at least one [size, iterations, base LR, warmup]")
+    stages = []
+    for i, entry in enumerate(raw, start=1):
+        where = f"DETECTOR.STAGES entry {i} ({list(entry) if isinstance(entry, (list, tuple)) else entry!r})"
+        if not isinstance(entry, (list, tuple)) or len(entry) != 4:
+            raise ValueError(f"{where}: expected [size, iterations, base LR, warmup iterations]")
+        size, iterations, base_lr, warmup = entry
+        if isinstance(size, bool) or not isinstance(size, (int, float)) or size != int(size):
+            raise ValueError(f"{where}: input size {size!r} must be an integer number of pixels")
+        if not 32 <= size <= 4096 or int(size) % 32:
+            raise ValueError(
+                f"{where}: input size {size} must be a multiple of 32 between 32 and 4096 "
+                "(the FPN pads inputs to multiples of 32)"
+            )
+        if (isinstance(iterations, bool) or not isinstance(iterations, (int, float)) or iterations != int(iterations)
+                or iterations < 1):
+            raise ValueError(f"{where}: iterations {iterations!r} must be a positive integer")
+        if isinstance(base_lr, bool) or not isinstance(base_lr, (int, float)) or not base_lr > 0:
+            raise ValueError(f"{where}: base LR {base_lr!r} must be a positive number")
+        if isinstance(warmup, bool) or not isinstance(warmup, (int, float)) or warmup != int(warmup) or warmup < 0:
+            raise ValueError(f"{where}: warmup {warmup!r} must be a non-negative integer")
+        stages.append(Stage(i, int(size), int(iterations), float(base_lr), int(warmup)))
+    return stages
+
+
+def get_stage(cfg: CN, index: int) -> Stage:
+    """Stage ``index`` (from 1) of ``DETECTOR.STAGES``; ``ValueError`` when there is none."""
+    stages = get_stages(cfg)
+    if not 1 <= index <= len(stages):
+        raise ValueError(f"stage {index} does not exist: DETECTOR.STAGES has stages 1..{len(stages)}")
+    return stages[index - 1]
+
+
+def uses_random_init(cfg: CN) -> bool:
+    """True when ``MODEL.WEIGHTS`` is empty: the backbone then needs trainable norms."""
+    return not cfg.MODEL.WEIGHTS
+
+
+def get_model_cfg(cfg: CN, stage: Stage | None = None) -> CN:
+    """The detectron2 config of ``stage`` (architecture, input size, solver, output folder).
+
+    Without a stage, the last stage's input size (inference). Random init (``MODEL.WEIGHTS``
+    empty) replaces FrozenBN by ``DETECTOR.RANDOM_INIT_NORM`` and trains every layer
+    (``FREEZE_AT`` 0): FrozenBN keeps the random statistics frozen and diverges within a few
+    iterations. This depends only on ``MODEL.WEIGHTS`` of ``cfg``, so training and inference
+    build the same architecture.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
-    try:
-        yield tmp
-        if tmp.exists():  # mkstemp makes 0600 files: give the result the usual umask permissions
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def save_cfg(cfg: CN, run_dir: str | os.PathLike) -> Path:
-    """Write the resolved config to ``run_dir/config.yaml`` (atomically) and return its path."""
-    out = Path(run_dir) / "config.yaml"
-    with atomic_path(out) as tmp:
-        tmp.write_text(cfg.dump())
+    stage = stage or get_stages(cfg)[-1]
+    out = cfg.clone()
+    out.defrost()
+    out.INPUT.MIN_SIZE_TRAIN = (stage.size,)
+    out.INPUT.MAX_SIZE_TRAIN = stage.size
+    out.INPUT.MIN_SIZE_TEST = stage.size
+    out.INPUT.MAX_SIZE_TEST = stage.size
+    out.SOLVER.MAX_ITER = stage.iterations
+    out.SOLVER.BASE_LR = stage.base_lr
+    out.SOLVER.WARMUP_ITERS = stage.warmup
+    out.SOLVER.STEPS = tuple(sorted({int(f * stage.iterations) for f in cfg.DETECTOR.LR_DECAY_AT if 0 < f < 1}))
+    out.OUTPUT_DIR = str(Path(cfg.PATHS.RUNS_DIR) / cfg.PATHS.RUN_NAME / "detector" / stage.name)
+    if uses_random_init(cfg):
+        out.MODEL.RESNETS.NORM = cfg.DETECTOR.RANDOM_INIT_NORM
+        out.MODEL.BACKBONE.FREEZE_AT = 0
+    out.freeze()
     return out

@@ -16,8 +16,10 @@ matching at threshold t equals the full greedy matching restricted to pairs with
 one matching serves all thresholds.
 
 IoU is computed by pycocotools on COCO RLE converted directly from the Kaggle runs
-(``module_preprocessing.kaggle_rle_to_coco``): no mask is decoded, which is what makes scoring
-15,606 images take seconds.
+(``module_rle.kaggle_rles_to_coco``): no mask is decoded, which is what makes scoring 15,606
+images take seconds. CSVs are read by ``module_files.read_segmentation_csv`` (the one reader:
+what ``module_submit.py validate`` rejects, scoring rejects too), and overlapping predicted masks
+are found by ``module_rle.find_overlapping_masks``.
 
     result = score_submission("submission.csv", "truth.csv")
     print(format_score_report(result))    # last line: "F2 0.71234"
@@ -30,14 +32,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import pandas as pd
 import pycocotools.mask as mask_util
 
-from module_preprocessing import RLEError, kaggle_rles_to_coco
+from module_files import read_segmentation_csv
+from module_rle import KAGGLE_SHAPE, RLEError, find_overlapping_masks, kaggle_rles_to_coco, masks_to_coco, parse_rle
 
 # 0.50, 0.55, ..., 0.95, each the double nearest the decimal, so that "IoU > t" is decided as on
 # paper when IoU is exactly t (e.g. 3/5 is not > 0.6). np.arange(0.5, 1, 0.05) drifts off the
@@ -132,31 +134,14 @@ def _coco_iou(true_coco: Sequence[dict], pred_coco: Sequence[dict]) -> np.ndarra
     return np.asarray(iou, dtype=np.float64).reshape(len(pred_coco), len(true_coco)).T
 
 
-def _masks_to_coco(masks, what: str) -> list[dict]:
-    if isinstance(masks, np.ndarray) and masks.ndim == 3:
-        stack = masks
-    else:
-        masks = list(masks)
-        if not masks:
-            return []
-        stack = np.stack([np.asarray(m) for m in masks])
-    if stack.ndim != 3:
-        raise ValueError(f"{what}: expected masks of shape (N, H, W) or a list of (H, W), got {stack.shape}")
-    if stack.shape[0] == 0:
-        return []
-    # pycocotools wants (H, W, N) uint8 in Fortran order: column-major, as Kaggle's RLE.
-    fortran = np.asfortranarray((stack != 0).transpose(1, 2, 0).astype(np.uint8))
-    return mask_util.encode(fortran)
-
-
 def iou_masks(true_masks, pred_masks) -> np.ndarray:
     """(n_true, n_pred) IoU of in-memory masks.
 
     true_masks, pred_masks: (N, H, W) arrays (bool or 0/1, any N including 0) or lists of
     (H, W) arrays; every mask of both sides has the same (H, W).
     """
-    true_coco = _masks_to_coco(true_masks, "true_masks")
-    pred_coco = _masks_to_coco(pred_masks, "pred_masks")
+    true_coco = masks_to_coco(true_masks)
+    pred_coco = masks_to_coco(pred_masks)
     if true_coco and pred_coco and true_coco[0]["size"] != pred_coco[0]["size"]:
         raise ValueError(f"true masks are {true_coco[0]['size']} but predicted masks are {pred_coco[0]['size']}")
     return _coco_iou(true_coco, pred_coco)
@@ -171,7 +156,7 @@ def f2_masks(true_masks, pred_masks) -> float:
     return f2_from_iou(iou_masks(true_masks, pred_masks))
 
 
-def f2_image(true_rles: Sequence[str], pred_rles: Sequence[str], shape: tuple[int, int] = (768, 768)) -> float:
+def f2_image(true_rles: Sequence[str], pred_rles: Sequence[str], shape: tuple[int, int] = KAGGLE_SHAPE) -> float:
     """F2 of one image from Kaggle RLE strings (column-major, 1-indexed); blank strings are ignored.
 
     ``shape`` (H, W) only bounds the runs: IoU depends on the pixel numbers alone.
@@ -189,30 +174,21 @@ def f2_coco(true_coco: Sequence[dict], pred_coco: Sequence[dict]) -> float:
 
 # ---------------------------------------------------------------- submissions
 def read_rle_table(table: pd.DataFrame | str | os.PathLike, what: str) -> pd.DataFrame:
-    """A Kaggle ``ImageId,EncodedPixels`` CSV (path) or DataFrame, checked, with a ``source_row`` column.
-
-    EncodedPixels blank/NaN becomes "". ``source_row`` names the row in errors: the line number
-    in the file for a path (the header is line 1), the index label for a DataFrame.
-    """
+    """A Kaggle ``ImageId,EncodedPixels`` CSV (path, read by ``module_files.read_segmentation_csv``)
+    or DataFrame, with a ``source_row`` column naming each row in errors ("<file> line <n>", or
+    "<what> row <label>" for a DataFrame). Blank and NaN EncodedPixels become ""."""
     if isinstance(table, pd.DataFrame):
-        source = what
-        frame = table.copy()
-        frame["source_row"] = [f"{what} row {label}" for label in frame.index]
+        missing = {"ImageId", "EncodedPixels"} - set(table.columns)
+        if missing:
+            raise ValueError(f"{what}: expected columns ImageId,EncodedPixels; missing {sorted(missing)}")
+        frame = table[["ImageId", "EncodedPixels"]].copy()
+        frame["source_row"] = [f"{what} row {label}" for label in table.index]
+        encoded = frame["EncodedPixels"]
+        frame["EncodedPixels"] = encoded.where(encoded.notna(), "").astype(str).str.strip()
+        frame["ImageId"] = frame["ImageId"].astype(str)
     else:
-        path = Path(table)
-        if not path.is_file():
-            raise FileNotFoundError(f"{what} CSV {path} does not exist")
-        source = str(path)
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-        frame["source_row"] = [f"{path} line {i + 2}" for i in range(len(frame))]
-    missing = {"ImageId", "EncodedPixels"} - set(frame.columns)
-    if missing:
-        raise ValueError(f"{source}: expected columns ImageId,EncodedPixels; missing {sorted(missing)} "
-                         f"(found {[c for c in frame.columns if c != 'source_row']})")
-    frame["ImageId"] = frame["ImageId"].astype(str)
-    encoded = frame["EncodedPixels"]
-    frame["EncodedPixels"] = encoded.where(encoded.notna(), "").astype(str).str.strip()
-    frame.loc[frame["EncodedPixels"].str.lower() == "nan", "EncodedPixels"] = ""
+        frame = read_segmentation_csv(table, what)
+        frame["source_row"] = [f"{table} line {line}" for line in frame["line"]]
     return frame[["ImageId", "EncodedPixels", "source_row"]].reset_index(drop=True)
 
 
@@ -233,21 +209,21 @@ def _coco_by_image(frame: pd.DataFrame, shape: tuple[int, int]) -> dict[str, lis
     return by_image
 
 
-def _check_no_overlap(image_id: str, pred_coco: list[dict], frame: pd.DataFrame) -> None:
-    if len(pred_coco) < 2:
-        return
-    merged = mask_util.merge(pred_coco, intersect=False)
-    if mask_util.area(merged) == mask_util.area(pred_coco).sum():
-        return
-    rows = frame.loc[(frame["ImageId"] == image_id) & (frame["EncodedPixels"] != ""), "source_row"].tolist()
-    raise ValueError(f"submission, ImageId {image_id}: predicted masks overlap (rows: {', '.join(rows)}); "
-                     "Kaggle rejects overlapping masks (module_preprocessing.resolve_overlaps removes them)")
+def _check_no_overlap(image_id: str, rows: pd.DataFrame, shape: tuple[int, int]) -> None:
+    """``rows``: the image's non-blank submission rows (EncodedPixels, source_row)."""
+    runs = [parse_rle(r, shape) for r in rows["EncodedPixels"]]
+    pairs = find_overlapping_masks(runs, shape)
+    if pairs:
+        a, b, pixels = pairs[0]
+        raise ValueError(f"submission, ImageId {image_id}: predicted masks overlap ({rows['source_row'].iloc[a]} and "
+                         f"{rows['source_row'].iloc[b]} share {pixels} px); Kaggle rejects overlapping masks "
+                         "(module_inference.resolve_overlaps removes them)")
 
 
 def score_submission(
     submission: pd.DataFrame | str | os.PathLike,
     truth: pd.DataFrame | str | os.PathLike,
-    shape: tuple[int, int] = (768, 768),
+    shape: tuple[int, int] = KAGGLE_SHAPE,
     missing: str = "error",
     check_overlaps: bool = True,
 ) -> ScoreResult:
@@ -281,11 +257,13 @@ def score_submission(
     n_true = np.array([len(true_by_image.get(i, ())) for i in image_ids], dtype=np.int64)
     n_pred = np.array([len(pred_by_image.get(i, ())) for i in image_ids], dtype=np.int64)
     tp = np.zeros((n_images, len(IOU_THRESHOLDS)), dtype=np.int64)
+    busy = {i for i, n in zip(image_ids, n_pred) if n > 1} if check_overlaps else set()
+    busy_rows = dict(tuple(sub[sub["ImageId"].isin(busy) & (sub["EncodedPixels"] != "")].groupby("ImageId"))) if busy else {}
     ship_image, ship_area, ship_iou = [], [], []
     # Only images with ships on both sides need IoU; the others' counts follow from n_true, n_pred.
     for i, image_id in enumerate(image_ids):
-        if check_overlaps and n_pred[i] > 1:
-            _check_no_overlap(image_id, pred_by_image[image_id], sub)
+        if image_id in busy_rows:
+            _check_no_overlap(image_id, busy_rows[image_id], shape)
         if n_true[i] == 0:
             continue
         true_coco = true_by_image[image_id]

@@ -1,13 +1,15 @@
-"""Pictures for the driver notebook: data overview, ground-truth overlays, split, training curves,
-validation F2, submission overlays (and the readers of the training logs they plot).
+"""Every picture of the pipeline: data overview, mask overlays, split, training curves, validation
+F2, threshold tuning, error reports (and the readers of the training logs they plot).
 
-Every function returns a ``matplotlib.figure.Figure`` built without pyplot, so nothing depends on
-the active backend or leaks open figures: a notebook cell that ends with the call displays it
-(``%matplotlib inline`` registers the formatter), a script can ``fig.savefig(path)``.
+Every ``plot_*`` function returns a ``matplotlib.figure.Figure`` built without pyplot, so nothing
+depends on the active backend or leaks open figures: a notebook cell that ends with the call
+displays it (``%matplotlib inline`` registers the formatter), a script saves it with
+:func:`save_figure` (atomically). :func:`draw_outlines` draws onto an image array (TensorBoard,
+quicklooks).
 
-Masks here come from the dataset dicts' ``segmentation`` (COCO compressed RLE, decoded by
-pycocotools to ``(H, W)`` uint8 0/1 in image pixel order: row, column). Kaggle RLE strings (the
-submission overlays) are decoded only by ``module_preprocessing.rle_decode``, their one home.
+Overlays, one convention everywhere: **predicted masks filled red, true masks outlined green**
+(:func:`overlay_masks`). Masks are ``(N, H, W)`` bool in image pixel order (row, column): from the
+dataset dicts' COCO RLE (``module_rle.coco_to_masks``) or Kaggle RLE (``module_rle.rle_decode``).
 
 Importing this module does nothing but define functions.
 """
@@ -16,7 +18,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 from pathlib import Path
 from typing import Sequence
 
@@ -24,8 +25,21 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-SHIP_COLOUR = np.array([1.0, 0.15, 0.1])  # fill of ground-truth masks
-OUTLINE_COLOUR = np.array([0.1, 1.0, 0.1])
+from module_config import STAGE_FOLDER
+from module_files import atomic_path, read_image, read_segmentation_csv
+from module_metric import f2_image
+from module_rle import coco_area, coco_to_masks, rle_decode
+
+FILL_COLOUR = np.array([1.0, 0.15, 0.1])  # fill of predicted masks (and of the ground truth shown alone)
+OUTLINE_COLOUR = np.array([0.1, 1.0, 0.1])  # outline of true masks
+
+
+def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 90) -> Path:
+    """Write ``fig`` to ``path`` (the format from its suffix), atomically; returns the path."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi)
+    return path
 
 
 def get_ship_table(dicts: Sequence[dict]) -> pd.DataFrame:
@@ -33,14 +47,11 @@ def get_ship_table(dicts: Sequence[dict]) -> pd.DataFrame:
 
     Ship-free images contribute no row; use :func:`get_image_table` for per-image counts.
     """
-    from pycocotools import mask as mask_util
-
     rows = []
     for record in dicts:
         anns = record["annotations"]
-        for ann in anns:
-            rows.append({"image_id": record["image_id"], "area": float(mask_util.area(ann["segmentation"])),
-                         "n_ships": len(anns)})
+        areas = coco_area([a["segmentation"] for a in anns]).tolist()
+        rows += [{"image_id": record["image_id"], "area": float(area), "n_ships": len(anns)} for area in areas]
     return pd.DataFrame(rows, columns=["image_id", "area", "n_ships"])
 
 
@@ -97,29 +108,38 @@ def plot_data_overview(dicts: Sequence[dict], title: str = "training data") -> F
     return fig
 
 
-def _read_rgb(path: str | os.PathLike) -> np.ndarray:
-    """``(H, W, 3)`` uint8 RGB."""
-    from PIL import Image
-
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"))
-
-
-def overlay_masks(image: np.ndarray, masks: Sequence[np.ndarray], alpha: float = 0.45) -> np.ndarray:
-    """``image`` ``(H, W, 3)`` uint8 with each ``(H, W)`` 0/1 mask filled red and outlined green.
-
-    Returns ``(H, W, 3)`` float32 in [0, 1].
-    """
+def overlay_masks(image: np.ndarray, fill: Sequence[np.ndarray] = (), outline: Sequence[np.ndarray] = (),
+                  alpha: float = 0.45) -> np.ndarray:
+    """``image`` ``(H, W, 3)`` uint8 with the ``fill`` masks filled red and the ``outline`` masks
+    outlined green (each an ``(H, W)`` 0/1 array; predictions and truth). Returns ``(H, W, 3)``
+    float32 in [0, 1]."""
     from skimage.segmentation import find_boundaries
 
     canvas = image.astype(np.float32) / 255.0
-    for mask in masks:
-        mask = np.asarray(mask, dtype=bool)
-        if mask.shape != canvas.shape[:2]:
-            raise ValueError(f"mask shape {mask.shape} does not match the image {canvas.shape[:2]}")
-        canvas[mask] = (1 - alpha) * canvas[mask] + alpha * SHIP_COLOUR
-        canvas[find_boundaries(mask, mode="inner")] = OUTLINE_COLOUR
+    for masks, draw in ((fill, "fill"), (outline, "outline")):
+        for mask in masks:
+            mask = np.asarray(mask, dtype=bool)
+            if mask.shape != canvas.shape[:2]:
+                raise ValueError(f"mask shape {mask.shape} does not match the image {canvas.shape[:2]}")
+            if draw == "fill":
+                canvas[mask] = (1 - alpha) * canvas[mask] + alpha * FILL_COLOUR
+            else:
+                canvas[find_boundaries(mask, mode="inner")] = OUTLINE_COLOUR
     return canvas
+
+
+def draw_outlines(image: np.ndarray, true_masks: Sequence[np.ndarray], pred_masks: Sequence[np.ndarray],
+                  thickness: int = 1) -> np.ndarray:
+    """``(H, W, 3)`` uint8 RGB copy of ``image`` with true mask outlines in green and predicted ones
+    in red, drawn by OpenCV (cheap: TensorBoard images, quicklooks)."""
+    import cv2
+
+    out = np.ascontiguousarray(image.copy())
+    for masks, colour in ((true_masks, (0, 255, 0)), (pred_masks, (255, 0, 0))):
+        for mask in masks:
+            contours, _ = cv2.findContours(np.asarray(mask, np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+            cv2.drawContours(out, contours, -1, colour, thickness)
+    return out
 
 
 def _image_grid(n_images: int, columns: int, cell_height: float) -> tuple[Figure, np.ndarray]:
@@ -135,8 +155,6 @@ def _image_grid(n_images: int, columns: int, cell_height: float) -> tuple[Figure
 
 def plot_ground_truth(dicts: Sequence[dict], count: int = 8, seed: int = 0, columns: int = 4) -> Figure:
     """Ground-truth overlays of ``count`` images, ships-first (up to one in four ship-free), seeded."""
-    from pycocotools import mask as mask_util
-
     rng = np.random.default_rng(seed)
     ship = [r for r in dicts if r["annotations"]]
     free = [r for r in dicts if not r["annotations"]]
@@ -146,8 +164,8 @@ def plot_ground_truth(dicts: Sequence[dict], count: int = 8, seed: int = 0, colu
     chosen += [free[k] for k in sorted(rng.choice(len(free), n_free, replace=False))] if n_free else []
     fig, axes = _image_grid(len(chosen), columns, cell_height=3.4)
     for ax, record in zip(axes, chosen):
-        masks = [mask_util.decode(a["segmentation"]) for a in record["annotations"]]
-        ax.imshow(overlay_masks(_read_rgb(record["file_name"]), masks))
+        masks = coco_to_masks([a["segmentation"] for a in record["annotations"]], (record["height"], record["width"]))
+        ax.imshow(overlay_masks(read_image(record["file_name"]), fill=masks, outline=masks))
         ax.set_title(f"{record['image_id']}: {len(masks)} ships", fontsize=9)
     fig.suptitle("ground truth (red fill, green outline)")
     return fig
@@ -186,6 +204,44 @@ def plot_history(history: pd.DataFrame, x: str = "epoch", title: str = "training
         if ax.lines:
             ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
+    return fig
+
+
+def plot_gate_report(table: pd.DataFrame, auc: float, n_images: int) -> Figure:
+    """The classifier gate on the validation split: precision, recall and the share of images kept
+    against the threshold (left), and the precision-recall curve (right). ``table``:
+    ``module_classifier.get_threshold_table``."""
+    fig = Figure(figsize=(11, 4.5), layout="constrained")
+    ax_t, ax_pr = fig.subplots(1, 2)
+    for column in ("precision", "recall", "kept_fraction"):
+        ax_t.plot(table["threshold"], table[column], marker=".", label=column)
+    ax_t.set(xlabel="threshold on p_ship", ylim=(-0.02, 1.02), title="ship gate on the validation split")
+    ax_t.legend()
+    ax_t.grid(alpha=0.3)
+    ax_pr.plot(table["recall"], table["precision"], marker=".")
+    ax_pr.set(xlabel="recall (ship images kept)", ylabel="precision", xlim=(-0.02, 1.02), ylim=(-0.02, 1.02),
+              title=f"precision-recall, ROC AUC {auc:.3f} ({n_images} images)")
+    ax_pr.grid(alpha=0.3)
+    return fig
+
+
+def plot_tune_grid(grid: pd.DataFrame, classifier: float, score: float, min_area: int) -> Figure:
+    """F2 against each threshold (the best F2 over the other two), the chosen values marked.
+    ``grid``: one row per setting, columns classifier_threshold, score_threshold, min_area, f2."""
+    panels = [("classifier_threshold", classifier, "classifier threshold (p_ship)"),
+              ("score_threshold", score, "detection score threshold"),
+              ("min_area", min_area, "minimum mask area (px)")]
+    fig = Figure(figsize=(13, 3.8), layout="constrained")
+    axes = fig.subplots(1, 3, sharey=True)
+    for ax, (column, value, label) in zip(axes, panels):
+        profile = grid.groupby(column)["f2"].max()
+        ax.plot(profile.index, profile.values, marker="o")
+        ax.axvline(value, color="tab:red", linestyle="--", label=f"chosen {value:g}")
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower center")
+    axes[0].set_ylabel("validation F2 (best over the others)")
+    fig.suptitle(f"Threshold tuning: best F2 {grid['f2'].max():.4f}")
     return fig
 
 
@@ -236,9 +292,6 @@ def show_image(path: str | os.PathLike):
     from IPython.display import Image
 
     return Image(filename=str(path))
-
-
-STAGE_FOLDER = re.compile(r"^stage(\d+)_(\d+)$")  # module_train's runs/<run>/detector/stage<i>_<size>
 
 
 def read_stage_metrics(detector_dir: str | os.PathLike) -> dict[str, pd.DataFrame]:
@@ -309,11 +362,35 @@ def plot_validation_f2(records: pd.DataFrame) -> Figure:
     return fig
 
 
-def _read_rle_rows(table: str | os.PathLike | pd.DataFrame) -> dict[str, list[str]]:
-    """ImageId -> its non-blank Kaggle RLE strings, from an ``ImageId,EncodedPixels`` CSV or frame."""
-    frame = table if isinstance(table, pd.DataFrame) else pd.read_csv(table, dtype=str, keep_default_na=False)
-    frame = frame.fillna("")
-    return {image_id: [r for r in rows if r.strip()] for image_id, rows in frame.groupby("ImageId", sort=True)["EncodedPixels"]}
+def _rle_rows(table: str | os.PathLike | pd.DataFrame, what: str) -> dict[str, list[str]]:
+    """ImageId -> its non-blank Kaggle RLE strings, from an ``ImageId,EncodedPixels`` CSV (read by
+    ``module_files.read_segmentation_csv``) or a DataFrame of those columns."""
+    frame = table if isinstance(table, pd.DataFrame) else read_segmentation_csv(table, what)
+    return {image_id: [r for r in rows if isinstance(r, str) and r.strip()]
+            for image_id, rows in frame.groupby("ImageId", sort=True)["EncodedPixels"]}
+
+
+def pick_overlay_sample(has_ships: Sequence[bool], n_predictions: Sequence[int], count: int = 8) -> list[int]:
+    """Indices to show: images with ships first, then ship-free images with the most predictions
+    (at least a quarter of ``count`` when there are such images), in input order."""
+    ship = [k for k, s in enumerate(has_ships) if s]
+    free = sorted((k for k, s in enumerate(has_ships) if not s), key=lambda k: -n_predictions[k])
+    first = ship[:max(count - count // 4, count - len(free))]
+    return sorted(first + free[:count - len(first)])
+
+
+def plot_overlays(images: Sequence[np.ndarray], true_masks: Sequence[np.ndarray], pred_masks: Sequence[np.ndarray],
+                  titles: Sequence[str], columns: int = 4, title: str = "") -> Figure:
+    """A grid of images with predictions filled red and ground truth outlined green.
+
+    ``images``: ``(H, W, 3)`` uint8 RGB; masks: ``(N, H, W)`` bool per image, at its size.
+    """
+    fig, axes = _image_grid(len(images), columns, cell_height=3.5)
+    for ax, image, true, pred, name in zip(axes, images, true_masks, pred_masks, titles):
+        ax.imshow(overlay_masks(image, fill=pred, outline=true))
+        ax.set_title(name, fontsize=8)
+    fig.suptitle(title or "prediction: red fill, ground truth: green outline", fontsize=10)
+    return fig
 
 
 def plot_submission_overlays(submission: str | os.PathLike | pd.DataFrame, image_dir: str | os.PathLike,
@@ -321,34 +398,29 @@ def plot_submission_overlays(submission: str | os.PathLike | pd.DataFrame, image
                              columns: int = 4) -> Figure:
     """Predicted masks of a submission (red fill) over their images, true ships outlined in green.
 
-    Shown: images with true or predicted ships first (in ImageId order), then up to a quarter
-    ship-free ones. With ``truth`` each title gives the image's competition F2. Masks are decoded
-    from the Kaggle RLE by ``module_preprocessing.rle_decode`` at each image's own size.
+    Shown (:func:`pick_overlay_sample`): images with true or predicted ships first, then up to a
+    quarter ship-free ones with the most predictions. With ``truth`` each title gives the image's
+    competition F2. Masks are decoded from the Kaggle RLE at each image's own size. Any
+    ``ImageId,EncodedPixels`` CSV works as ``submission``: a ground-truth CSV alone shows the truth.
     """
-    from module_metric import f2_image
-    from module_preprocessing import rle_decode
-    from skimage.segmentation import find_boundaries
-
-    predicted = _read_rle_rows(submission)
-    true = _read_rle_rows(truth) if truth is not None else {}
-    busy = [i for i in predicted if predicted[i] or true.get(i)]
-    quiet = [i for i in predicted if i not in set(busy)]
-    n_quiet = min(len(quiet), max(count // 4, count - len(busy)))
-    chosen = busy[:count - n_quiet] + quiet[:n_quiet]
-    fig, axes = _image_grid(len(chosen), columns, cell_height=3.5)
-    for ax, image_id in zip(axes, chosen):
-        image = _read_rgb(Path(image_dir) / image_id)
+    predicted = _rle_rows(submission, "submission")
+    true = _rle_rows(truth, "truth") if truth is not None else {}
+    ids = list(predicted)
+    chosen = pick_overlay_sample([bool(predicted[i] or true.get(i)) for i in ids],
+                                 [len(predicted[i]) for i in ids], count)
+    images, trues, preds, titles = [], [], [], []
+    for image_id in (ids[k] for k in chosen):
+        image = read_image(Path(image_dir) / image_id)
         shape = image.shape[:2]
-        canvas = image.astype(np.float32) / 255.0
-        for rle in predicted[image_id]:
-            mask = rle_decode(rle, shape).astype(bool)
-            canvas[mask] = 0.5 * canvas[mask] + 0.5 * SHIP_COLOUR
-        for rle in true.get(image_id, []):
-            canvas[find_boundaries(rle_decode(rle, shape).astype(bool), mode="outer")] = OUTLINE_COLOUR
-        ax.imshow(canvas)
-        title = f"{image_id}: {len(predicted[image_id])} predicted"
+        decode = lambda rles: np.stack([rle_decode(r, shape) for r in rles]).astype(bool) if rles \
+            else np.zeros((0, *shape), bool)
+        images.append(image)
+        preds.append(decode(predicted[image_id]))
+        trues.append(decode(true.get(image_id, [])))
+        name = f"{image_id}: {len(predicted[image_id])} predicted"
         if truth is not None:
-            title += f", {len(true.get(image_id, []))} true\nF2 {f2_image(true.get(image_id, []), predicted[image_id], shape):.2f}"
-        ax.set_title(title, fontsize=8)
-    fig.suptitle("submission: prediction red fill" + (", ground truth green outline" if truth is not None else ""))
-    return fig
+            name += (f", {len(true.get(image_id, []))} true\n"
+                     f"F2 {f2_image(true.get(image_id, []), predicted[image_id], shape):.2f}")
+        titles.append(name)
+    return plot_overlays(images, trues, preds, titles, columns,
+                         "submission: prediction red fill" + (", ground truth green outline" if truth is not None else ""))

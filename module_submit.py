@@ -1,14 +1,21 @@
 """Gated inference to an overlap-free Kaggle submission; threshold tuning, validation, local score.
 
-The pipeline of ``predict``, image by image::
+The pipeline of ``predict``, image by image (the inference itself is ``module_inference``'s)::
 
     image --classifier--> p_ship --(p_ship < SUBMIT.CLASSIFIER_THRESHOLD)--> one blank row
                                  \\--(else)--> detector (batched, optional flip TTA)
-                                     --> module_preprocessing.resolve_overlaps(score threshold,
+                                     --> module_inference.resolve_overlaps(score threshold,
                                          min area; each pixel to the highest-scoring mask)
-                                     --> module_preprocessing.rle_encode --> one row per ship
+                                     --> module_rle.rle_encode --> one row per ship
 
-Command line (every subcommand takes trailing ``KEY VALUE`` config overrides where it has --config):
+The library the notebook calls (the command lines are thin wrappers over it):
+
+    chosen = tune_thresholds(cfg, val_dicts)        # -> runs/<run>/submission/thresholds.yaml
+    paths = predict_submission(cfg)                 # -> runs/<run>/submission/submission.csv
+    violations = validate_submission(paths["submission"], ids_csv)   # [] when valid
+    result = score_report(paths["submission"], truth_csv)            # the local F2
+
+Command line (every subcommand with --config takes trailing ``KEY VALUE`` / ``KEY=VALUE`` overrides):
 
     python module_submit.py predict --config configs/demo.yaml
     python module_submit.py predict --config C --images DIR --ids sample_submission_v2.csv \\
@@ -21,11 +28,11 @@ Command line (every subcommand takes trailing ``KEY VALUE`` config overrides whe
     python module_submit.py visualize --submission S --truth T --images DIR --out overlays.png
 
 Thresholds: ``predict`` uses runs/<run>/submission/thresholds.yaml (written by ``tune``) when it
-exists, else the SUBMIT.* config values; a SUBMIT.* key given on the command line wins over both.
-It logs which source each threshold came from.
+exists, else the SUBMIT.* config values; a SUBMIT.* key given on the command line wins over both
+(``module_inference.get_thresholds``). It logs which source each threshold came from.
 
 Masks everywhere in this module are ``(N, H, W)`` bool arrays in image pixel order (row, column);
-the Kaggle RLE strings are column-major and 1-indexed (module_preprocessing is their one home).
+the Kaggle RLE strings are column-major and 1-indexed (``module_rle`` is their one home).
 
 Importing this module does nothing but define functions.
 """
@@ -37,133 +44,40 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
 import pickle
 import sys
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
 import yaml
-from PIL import Image
 from tqdm.auto import tqdm
 
 import module_config
 import module_metric
-import module_preprocessing
+import module_plots
+from module_config import get_cfg_from_args, get_plot_path, get_submission_path
+from module_files import (TooManyFailures, atomic_path, check_failure_limit, get_failure_report_path, list_images,
+                          read_image, read_image_ids, read_segmentation_csv, write_failure_report)
+from module_inference import (DetectFn, PShipFn, Thresholds, apply_thresholds, build_detect_fn, build_p_ship_fn,
+                              get_default_weights_path, get_thresholds, resolve_overlaps)
+from module_rle import KAGGLE_SHAPE, coco_to_masks, find_overlapping_masks, masks_to_coco, parse_rle, rle_encode
 
 logger = logging.getLogger(__name__)
 
 SUBMISSION_COLUMNS = ("ImageId", "EncodedPixels")
-KAGGLE_SHAPE = (768, 768)
 
-# A callable giving p_ship for image files: list of paths -> (N,) float array in [0, 1].
-PShipFn = Callable[[Sequence[Path]], np.ndarray]
-# A callable detecting ships: list of (H, W, 3) uint8 RGB images -> list of
-# {"masks": (N, H, W) bool at the image size, "scores": (N,) float}.
-DetectFn = Callable[[Sequence[np.ndarray]], list]
 # A callable reading one image file -> (H, W, 3) uint8 RGB; raises on a corrupt file.
 LoadImageFn = Callable[[Path], np.ndarray]
 
 
-# ============================================================================ thresholds
-@dataclasses.dataclass(frozen=True)
-class Thresholds:
-    """The three post-processing thresholds of ``predict``."""
-
-    classifier: float  # images with p_ship below this get a blank row; <= 0: no classifier at all
-    score: float  # detections with a score below this are dropped
-    min_area: int  # masks smaller than this (px, after overlap removal) are dropped
-
-    def as_config(self) -> dict:
-        return {"CLASSIFIER_THRESHOLD": float(self.classifier), "SCORE_THRESHOLD": float(self.score),
-                "MIN_AREA": int(self.min_area)}
-
-
-_THRESHOLD_KEYS = {"CLASSIFIER_THRESHOLD": "classifier", "SCORE_THRESHOLD": "score", "MIN_AREA": "min_area"}
-
-
-def get_submission_dir(cfg) -> Path:
-    """``runs/<run>/submission``, created if missing."""
-    out = module_config.get_run_dir(cfg) / "submission"
-    out.mkdir(parents=True, exist_ok=True)
-    return out
-
-
-def get_thresholds_path(cfg) -> Path:
-    """Where ``tune`` writes the chosen thresholds and ``predict`` looks for them."""
-    return module_config.get_run_dir(cfg) / "submission" / "thresholds.yaml"
-
-
-def get_thresholds(cfg, thresholds_file: str | Path | None = None,
-                   overridden: Iterable[str] = ()) -> tuple[Thresholds, dict]:
-    """The thresholds ``predict`` uses, and where each came from.
-
-    Precedence per key: a ``SUBMIT.<KEY>`` override given on the command line (``overridden``),
-    then ``thresholds_file`` (default: the run's tuned thresholds.yaml, when it exists), then the
-    config. Returns ``(Thresholds, {key: source})``.
-    """
-    path = Path(thresholds_file) if thresholds_file else get_thresholds_path(cfg)
-    tuned: dict = {}
-    if path.is_file():
-        loaded = yaml.safe_load(path.read_text()) or {}
-        tuned = loaded.get("thresholds", loaded)
-        unknown = set(tuned) - set(_THRESHOLD_KEYS)
-        if unknown:
-            raise ValueError(f"{path}: unknown threshold keys {sorted(unknown)}; "
-                             f"expected {sorted(_THRESHOLD_KEYS)}")
-    elif thresholds_file:
-        raise FileNotFoundError(f"thresholds file {path} does not exist")
-    overridden = set(overridden)
-    values, sources = {}, {}
-    for key, field in _THRESHOLD_KEYS.items():
-        if f"SUBMIT.{key}" in overridden or key not in tuned:
-            values[field] = cfg.SUBMIT[key]
-            sources[key] = "command line" if f"SUBMIT.{key}" in overridden else "config"
-        else:
-            values[field] = tuned[key]
-            sources[key] = str(path)
-    thresholds = Thresholds(float(values["classifier"]), float(values["score"]), int(values["min_area"]))
-    return thresholds, sources
-
-
-def write_thresholds(path: str | Path, thresholds: Thresholds, f2: float, extra: dict | None = None) -> Path:
-    """Write the tuned thresholds (and the local F2 they reached) to ``path`` atomically."""
-    path = Path(path)
-    body = {"thresholds": thresholds.as_config(), "validation_f2": float(f2), **(extra or {})}
-    with module_config.atomic_path(path) as tmp:
-        tmp.write_text(yaml.safe_dump(body, sort_keys=False))
-    return path
-
-
 # ============================================================================ predict: core
-def read_image(path: str | Path, expected_size: int | None = None) -> np.ndarray:
-    """Decode an image file fully -> ``(H, W, 3)`` uint8 RGB.
-
-    Raises ``OSError``/``ValueError`` naming the file when it is missing, truncated or corrupt,
-    or (with ``expected_size``) not ``expected_size`` x ``expected_size``.
-    """
-    path = Path(path)
-    try:
-        with Image.open(path) as image:
-            image.load()  # a truncated JPEG fails here, not at open()
-            array = np.asarray(image.convert("RGB"))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no such image file") from None
-    except Exception as exc:  # PIL raises several types for corrupt files
-        raise OSError(f"{path}: cannot decode image ({exc})") from exc
-    if expected_size and array.shape[:2] != (expected_size, expected_size):
-        raise ValueError(f"{path}: image is {array.shape[1]}x{array.shape[0]}, "
-                         f"expected {expected_size}x{expected_size}")
-    return array
-
-
 def instances_to_rles(masks: np.ndarray, scores: np.ndarray, thresholds: Thresholds) -> list[str]:
     """Detections of one image -> its Kaggle RLE strings, overlap-free, by score descending.
 
     ``masks``: ``(N, H, W)`` bool (row, column order); ``scores``: ``(N,)``. The score threshold,
-    pixel ownership (highest score wins) and minimum area are module_preprocessing.resolve_overlaps'.
+    pixel ownership (highest score wins) and minimum area are module_inference.apply_thresholds'.
     Returns ``[]`` when nothing survives.
     """
     masks = np.asarray(masks, dtype=bool)
@@ -172,9 +86,8 @@ def instances_to_rles(masks: np.ndarray, scores: np.ndarray, thresholds: Thresho
         raise ValueError(f"expected masks (N, H, W) and scores (N,), got {masks.shape} and {scores.shape}")
     if len(masks) == 0:
         return []
-    kept, _ = module_preprocessing.resolve_overlaps(masks, scores, score_threshold=thresholds.score,
-                                                    min_area=thresholds.min_area)
-    return [rle for rle in (module_preprocessing.rle_encode(mask) for mask in kept) if rle]
+    kept, _ = apply_thresholds({"masks": masks, "scores": scores}, thresholds)
+    return [rle for rle in (rle_encode(mask) for mask in kept) if rle]
 
 
 @dataclasses.dataclass
@@ -260,23 +173,9 @@ def write_submission(rows: pd.DataFrame, path: str | Path) -> Path:
     missing = [c for c in SUBMISSION_COLUMNS if c not in rows.columns]
     if missing:
         raise ValueError(f"rows lack columns {missing}")
-    with module_config.atomic_path(path) as tmp:
+    with atomic_path(path) as tmp:
         rows.loc[:, list(SUBMISSION_COLUMNS)].fillna("").to_csv(tmp, index=False)
     return path
-
-
-def get_failures_path(submission_path: str | Path) -> Path:
-    """The failure report beside a submission: ``<stem>_failures.csv``."""
-    path = Path(submission_path)
-    return path.with_name(f"{path.stem}_failures.csv")
-
-
-def write_failures(failures: pd.DataFrame, submission_path: str | Path) -> Path:
-    """Write the unreadable-image report beside the submission (always, so a stale one never lingers)."""
-    out = get_failures_path(submission_path)
-    with module_config.atomic_path(out) as tmp:
-        failures.loc[:, ["ImageId", "reason"]].to_csv(tmp, index=False)
-    return out
 
 
 # ============================================================================ shards
@@ -296,37 +195,28 @@ def select_shard(image_ids: Sequence[str], index: int, count: int) -> list[str]:
     return list(image_ids)[index::count]
 
 
-def read_image_ids(ids_csv: str | Path) -> list[str]:
-    """The ImageIds of a Kaggle-format CSV (sample_submission_v2.csv), unique, in file order."""
-    ids_csv = Path(ids_csv)
-    if not ids_csv.is_file():
-        raise FileNotFoundError(f"id list {ids_csv} does not exist")
-    frame = pd.read_csv(ids_csv, dtype=str, keep_default_na=False)
-    if "ImageId" not in frame.columns:
-        raise ValueError(f"{ids_csv}: no ImageId column (columns: {list(frame.columns)})")
-    return list(dict.fromkeys(frame["ImageId"]))
+def read_submission(path: str | Path, what: str = "submission") -> pd.DataFrame:
+    """A submission CSV with exactly the header ``ImageId,EncodedPixels`` (``module_files``' reader;
+    blanks stay ""); columns ImageId, EncodedPixels."""
+    return read_segmentation_csv(path, what, allow_no_rows=True)[list(SUBMISSION_COLUMNS)]
 
 
-def read_submission(path: str | Path) -> pd.DataFrame:
-    """Read a submission CSV with exactly the header ``ImageId,EncodedPixels``; blanks stay ""."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"submission {path} does not exist")
-    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-    if tuple(frame.columns) != SUBMISSION_COLUMNS:
-        raise ValueError(f"{path}: header is {','.join(frame.columns)}, expected {','.join(SUBMISSION_COLUMNS)}")
-    return frame
+def merge_shards(shard_paths: Sequence[str | Path], image_ids: Sequence[str],
+                 shape: tuple[int, int] = KAGGLE_SHAPE) -> pd.DataFrame:
+    """Concatenate shard submissions into one, ordered as ``image_ids``; every shard is validated.
 
-
-def merge_shards(shard_paths: Sequence[str | Path], image_ids: Sequence[str]) -> pd.DataFrame:
-    """Concatenate shard submissions into one, ordered as ``image_ids``; checks completeness.
-
-    Raises ``ValueError`` naming the shard and ImageIds when an id is missing from every shard,
-    appears in two shards, or is not in ``image_ids``.
+    Each shard gets :func:`validate_submission`'s checks against its own ImageIds (header, fields,
+    RLE, blank rows, overlaps); the first violation raises ``ValueError`` naming the shard and the
+    line. Then: an id missing from every shard, in two shards, or not in ``image_ids`` raises
+    ``ValueError`` naming the shard and ImageIds.
     """
     frames, owner = [], {}
     for path in shard_paths:
-        frame = read_submission(path)
+        frame = read_submission(path, "shard")
+        violations = validate_submission(path, list(dict.fromkeys(frame["ImageId"])), shape)
+        if violations:
+            raise ValueError(f"shard {path}: {len(violations)} violation(s), first: {violations[0]} "
+                             f"(check it with `module_submit.py validate`)")
         for image_id in frame["ImageId"].unique():
             if image_id in owner:
                 raise ValueError(f"ImageId {image_id} is in both {owner[image_id]} and {path}")
@@ -369,12 +259,15 @@ def validate_submission(submission: str | Path, ids: str | Path | Sequence[str],
     Checks: the header is exactly ``ImageId,EncodedPixels``; every id of ``ids`` (a CSV with an
     ImageId column, or a list) is present and no other id appears; each RLE is valid for
     ``shape`` (tokens are integers in pairs, starts >= 1, lengths >= 1, runs sorted, not
-    overlapping, inside H*W; module_preprocessing.parse_rle is the judge); an image with a
-    blank row has no mask rows and at most one blank row; no two masks of one image overlap.
+    overlapping, inside H*W; module_rle.parse_rle is the judge); an image with a
+    blank row has no mask rows and at most one blank row; no two masks of one image overlap
+    (module_rle.find_overlapping_masks). A missing file raises ``FileNotFoundError``.
     """
     submission = Path(submission)
     violations: list[Violation] = []
-    with open(submission, newline="") as handle:
+    if not submission.is_file():
+        raise FileNotFoundError(f"submission {submission}: file not found")
+    with open(submission, newline="", encoding="utf-8-sig") as handle:
         reader = csv.reader(handle)
         header = next(reader, None)
         records = list(reader)
@@ -392,6 +285,8 @@ def validate_submission(submission: str | Path, ids: str | Path | Sequence[str],
         if len(record) != 2:
             violations.append(Violation(line, record[0] if record else "", f"expected 2 fields, got {len(record)}",
                                         "fields"))
+            if record and record[0] in wanted:
+                runs_by_image.setdefault(record[0], [])  # present, if malformed: not also "missing"
             continue
         image_id, rle = record[0], record[1].strip()
         if image_id not in wanted:
@@ -401,7 +296,7 @@ def validate_submission(submission: str | Path, ids: str | Path | Sequence[str],
             runs_by_image.setdefault(image_id, [])
             continue
         try:
-            starts, lengths = module_preprocessing.parse_rle(rle, shape)
+            starts, lengths = parse_rle(rle, shape)
         except ValueError as exc:
             violations.append(Violation(line, image_id, f"invalid RLE: {exc}", "rle"))
             runs_by_image.setdefault(image_id, [])
@@ -417,61 +312,38 @@ def validate_submission(submission: str | Path, ids: str | Path | Sequence[str],
             violations.append(Violation(lines[0], image_id, "blank row although the image has mask rows "
                                         f"(lines {[r[0] for r in runs_by_image[image_id]]})", "blank rows"))
     for image_id, masks in runs_by_image.items():
-        violations.extend(_find_overlaps(image_id, masks))
+        pairs = find_overlapping_masks([(s, n) for _, s, n in masks], shape)
+        violations.extend(Violation(masks[b][0], image_id, f"mask overlaps the mask on line {masks[a][0]} ({pixels} px)",
+                                    "overlap") for a, b, pixels in pairs)
     missing = [i for i in id_list if i not in runs_by_image]
     violations.extend(Violation(0, i, "ImageId missing (every id needs a row; blank for no ship)", "missing id")
                       for i in missing)
     return sorted(violations, key=lambda v: (v.line == 0, v.line))
 
 
-def _find_overlaps(image_id: str, masks: list[tuple[int, np.ndarray, np.ndarray]]) -> list[Violation]:
-    """Overlapping masks of one image, found on the runs (no mask is built)."""
-    if len(masks) < 2:
-        return []
-    lines = np.concatenate([np.full(len(s), line) for line, s, _ in masks])
-    starts = np.concatenate([s for _, s, _ in masks]).astype(np.int64)
-    ends = starts + np.concatenate([n for _, _, n in masks]).astype(np.int64)
-    order = np.argsort(starts, kind="stable")
-    starts, ends, lines = starts[order], ends[order], lines[order]
-    # A run overlaps an earlier one when it starts before the furthest end seen so far.
-    furthest = np.maximum.accumulate(ends)
-    which = np.maximum.accumulate(np.where(ends == furthest, np.arange(len(ends)), 0))
-    clash = np.nonzero(starts[1:] < furthest[:-1])[0] + 1
-    pairs = sorted({tuple(sorted((int(lines[which[k - 1]]), int(lines[k])))) for k in clash})
-    return [Violation(b, image_id, f"mask overlaps the mask on line {a}", "overlap") for a, b in pairs if a != b]
-
-
 # ============================================================================ score
 def score_report(submission: str | Path | pd.DataFrame, truth: str | Path | pd.DataFrame,
                  shape: tuple[int, int] = KAGGLE_SHAPE) -> module_metric.ScoreResult:
-    """The local competition score of a submission: module_metric.score_submission, nothing added.
+    """The local competition score of a submission (``module_metric.score_submission``).
 
+    A submission file is first checked by :func:`validate_submission` against the truth's
+    ImageIds, so scoring rejects what ``validate`` rejects (an extra column, duplicate blank rows,
+    a blank row beside masks...): ``ValueError`` naming the file, the line and the problem.
     ``module_metric.format_score_report`` (per-threshold counts, ship-free against ship images,
     recall per ship size; last line ``F2 <value>``) and ``module_metric.score_to_json`` present it.
     """
+    if not isinstance(submission, pd.DataFrame):
+        ids = read_segmentation_csv(truth, "truth")["ImageId"] if not isinstance(truth, pd.DataFrame) \
+            else truth["ImageId"]
+        violations = validate_submission(submission, list(dict.fromkeys(ids)), shape)
+        if violations:
+            listing = "; ".join(str(v) for v in violations[:3])
+            raise ValueError(f"{submission}: not a valid submission ({len(violations)} violation(s): {listing}"
+                             f"{' ...' if len(violations) > 3 else ''}); `module_submit.py validate` lists them all")
     return module_metric.score_submission(submission, truth, shape=shape)
 
 
 # ============================================================================ tune
-def masks_to_coco(masks: np.ndarray) -> list[dict]:
-    """``(N, H, W)`` bool masks -> N COCO RLE dicts (compact storage; pycocotools' encoder)."""
-    from pycocotools import mask as mask_util
-
-    masks = np.asarray(masks, dtype=bool)
-    if len(masks) == 0:
-        return []
-    return mask_util.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
-
-
-def coco_to_masks(rles: Sequence[dict], shape: tuple[int, int]) -> np.ndarray:
-    """COCO RLE dicts -> ``(N, H, W)`` bool masks (``shape`` = (H, W), used when N is 0)."""
-    from pycocotools import mask as mask_util
-
-    if not len(rles):
-        return np.zeros((0, *shape), dtype=bool)
-    return mask_util.decode(list(rles)).transpose(2, 0, 1).astype(bool)
-
-
 @dataclasses.dataclass
 class TuneImage:
     """The cached model outputs and truth of one validation image; masks as COCO RLE of (H, W)."""
@@ -489,8 +361,8 @@ class TuneImage:
                    scores: np.ndarray, true_masks: np.ndarray) -> "TuneImage":
         """From ``(N, H, W)`` predicted and ``(M, H, W)`` true bool masks of one image."""
         shape = tuple(int(v) for v in (pred_masks if len(pred_masks) else true_masks).shape[1:])
-        return cls(image_id, file_name, float(p_ship), masks_to_coco(pred_masks),
-                   np.asarray(scores, dtype=np.float32), masks_to_coco(true_masks), shape)
+        return cls(image_id, file_name, float(p_ship), masks_to_coco(np.asarray(pred_masks, bool)),
+                   np.asarray(scores, dtype=np.float32), masks_to_coco(np.asarray(true_masks, bool)), shape)
 
     def decode(self, crop: bool = True) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
         """``(pred (N, h, w), true (M, h, w), (row, col) offset)`` bool masks.
@@ -578,8 +450,7 @@ def sweep_thresholds(cache: Sequence[TuneImage], classifier_thresholds: Sequence
             continue
         pred, true, _ = image.decode()
         for j, (score, min_area) in enumerate(combos):
-            kept, _ = module_preprocessing.resolve_overlaps(pred, image.scores, score_threshold=score,
-                                                            min_area=min_area)
+            kept, _ = resolve_overlaps(pred, image.scores, score_threshold=score, min_area=min_area)
             detector_f2[k, j] = _image_f2(true, kept)
     rows = []
     for c in classifier_thresholds:
@@ -590,6 +461,15 @@ def sweep_thresholds(cache: Sequence[TuneImage], classifier_thresholds: Sequence
     return pd.DataFrame(rows, columns=["classifier_threshold", "score_threshold", "min_area", "f2"])
 
 
+def _cache_fingerprint(*paths: Path | None) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        if path is not None:
+            stat = Path(path).stat()
+            digest.update(f"{Path(path).resolve()}:{stat.st_size}:{stat.st_mtime_ns};".encode())
+    return digest.hexdigest()
+
+
 def choose_thresholds(grid: pd.DataFrame) -> tuple[Thresholds, float]:
     """The setting with the highest F2; ties go to the first in grid order. -> (Thresholds, f2)."""
     best = grid.loc[grid["f2"].idxmax()]
@@ -597,41 +477,23 @@ def choose_thresholds(grid: pd.DataFrame) -> tuple[Thresholds, float]:
                       int(best["min_area"])), float(best["f2"])
 
 
-def plot_tune_grid(grid: pd.DataFrame, chosen: Thresholds, out_path: str | Path) -> Path:
-    """Plot F2 against each threshold (the best F2 over the other two), the chosen one marked."""
-    from matplotlib.figure import Figure  # no pyplot: no backend switch, no figure left open
-
-    panels = [("classifier_threshold", chosen.classifier, "classifier threshold (p_ship)"),
-              ("score_threshold", chosen.score, "detection score threshold"),
-              ("min_area", chosen.min_area, "minimum mask area (px)")]
-    fig = Figure(figsize=(13, 3.8), layout="constrained")
-    axes = fig.subplots(1, 3, sharey=True)
-    for ax, (column, value, label) in zip(axes, panels):
-        profile = grid.groupby(column)["f2"].max()
-        ax.plot(profile.index, profile.values, marker="o")
-        ax.axvline(value, color="tab:red", linestyle="--", label=f"chosen {value:g}")
-        ax.set_xlabel(label)
-        ax.grid(alpha=0.3)
-        ax.legend(loc="lower center")
-    axes[0].set_ylabel("validation F2 (best over the others)")
-    fig.suptitle(f"Threshold tuning: best F2 {grid['f2'].max():.4f}")
-    out_path = Path(out_path)
-    with module_config.atomic_path(out_path) as tmp:
-        fig.savefig(tmp, dpi=100)
-    return out_path
+def write_thresholds(path: str | Path, thresholds: Thresholds, f2: float, extra: dict | None = None) -> Path:
+    """Write the tuned thresholds (and the local F2 they reached) to ``path`` atomically."""
+    path = Path(path)
+    body = {"thresholds": thresholds.as_config(), "validation_f2": float(f2), **(extra or {})}
+    with atomic_path(path) as tmp:
+        tmp.write_text(yaml.safe_dump(body, sort_keys=False))
+    return path
 
 
-def tune(cache: Sequence[TuneImage], cfg, out_dir: str | Path, plots_dir: str | Path,
-         progress: bool = True) -> tuple[Thresholds, float, pd.DataFrame]:
-    """Sweep the SUBMIT.TUNE_* grids on ``cache``; write thresholds.yaml, the grid CSV and the plots.
-
-    Returns ``(chosen thresholds, their F2, grid)``.
+def tune(cache: Sequence[TuneImage], cfg, progress: bool = True) -> tuple[Thresholds, float, pd.DataFrame]:
+    """Sweep the SUBMIT.TUNE_* grids on ``cache``; write thresholds.yaml, the grid CSV and the plots
+    into the run folder. Returns ``(chosen thresholds, their F2, grid)``.
     """
     grid = sweep_thresholds(cache, cfg.SUBMIT.TUNE_CLASSIFIER_THRESHOLDS, cfg.SUBMIT.TUNE_SCORE_THRESHOLDS,
                             cfg.SUBMIT.TUNE_MIN_AREAS, progress=progress)
     chosen, f2 = choose_thresholds(grid)
-    out_dir, plots_dir = Path(out_dir), Path(plots_dir)
-    with module_config.atomic_path(out_dir / "tune_grid.csv") as tmp:
+    with atomic_path(get_submission_path(cfg, "tune_grid")) as tmp:
         grid.to_csv(tmp, index=False)
     config_f2 = grid.loc[(grid["classifier_threshold"] == cfg.SUBMIT.CLASSIFIER_THRESHOLD)
                          & (grid["score_threshold"] == cfg.SUBMIT.SCORE_THRESHOLD)
@@ -639,7 +501,7 @@ def tune(cache: Sequence[TuneImage], cfg, out_dir: str | Path, plots_dir: str | 
     ungated = grid.loc[grid["classifier_threshold"] <= 0, "f2"]  # threshold 0: the detector alone, no gate
     detector_alone_f2 = float(ungated.max()) if len(ungated) else None
     all_empty_f2 = float(np.mean([len(c.true_rles) == 0 for c in cache]))
-    write_thresholds(out_dir / "thresholds.yaml", chosen, f2, {
+    write_thresholds(get_submission_path(cfg, "thresholds"), chosen, f2, {
         "n_validation_images": len(cache),
         "config_thresholds_f2": float(config_f2.iloc[0]) if len(config_f2) else None,
         "all_empty_f2": all_empty_f2,
@@ -647,164 +509,156 @@ def tune(cache: Sequence[TuneImage], cfg, out_dir: str | Path, plots_dir: str | 
     })
     logger.info("detector alone (classifier threshold 0): best F2 %s; predicting no ship anywhere: F2 %.4f",
                 "not in the grid" if detector_alone_f2 is None else f"{detector_alone_f2:.4f}", all_empty_f2)
-    plot_tune_grid(grid, chosen, plots_dir / "tune_f2.png")
-    save_tune_overlays(cache, chosen, plots_dir / "val_overlays.png")
+    module_plots.save_figure(module_plots.plot_tune_grid(grid, chosen.classifier, chosen.score, chosen.min_area),
+                             get_plot_path(cfg, "tune_f2"), dpi=100)
+    module_plots.save_figure(plot_tune_overlays(cache, chosen), get_plot_path(cfg, "val_overlays"), dpi=80)
     return chosen, f2, grid
 
 
-# ============================================================================ visuals
-def draw_overlays(images: Sequence[np.ndarray], true_masks: Sequence[np.ndarray],
-                  pred_masks: Sequence[np.ndarray], titles: Sequence[str], out_path: str | Path,
-                  columns: int = 4) -> Path:
-    """Save a grid of images with ground truth (green outline) and predictions (red fill).
-
-    ``images``: ``(H, W, 3)`` uint8 RGB; masks: ``(N, H, W)`` bool per image, same H, W.
-    """
-    from matplotlib.figure import Figure  # no pyplot: no backend switch, no figure left open
-    from skimage.segmentation import find_boundaries
-
-    count = max(len(images), 1)
-    columns = min(columns, count)
-    rows = math.ceil(count / columns)
-    fig = Figure(figsize=(4 * columns, 4.2 * rows), layout="constrained")
-    axes = fig.subplots(rows, columns, squeeze=False)
-    for ax in axes.ravel():
-        ax.axis("off")
-    for ax, image, true, pred, title in zip(axes.ravel(), images, true_masks, pred_masks, titles):
-        canvas = image.astype(np.float32) / 255.0
-        if len(pred):
-            red = pred.any(axis=0)
-            canvas[red] = 0.5 * canvas[red] + 0.5 * np.array([1.0, 0.1, 0.1])
-        for mask in true:
-            canvas[find_boundaries(mask, mode="outer")] = (0.1, 1.0, 0.1)
-        ax.imshow(canvas)
-        ax.set_title(title, fontsize=9)
-    fig.suptitle("ground truth: green outline, prediction: red fill", fontsize=10)
-    out_path = Path(out_path)
-    with module_config.atomic_path(out_path) as tmp:
-        fig.savefig(tmp, dpi=80)
-    return out_path
+def _kept_masks(image: TuneImage, thresholds: Thresholds) -> np.ndarray:
+    """The masks a submission would keep for a cached image at ``thresholds`` (gate included)."""
+    pred, _, _ = image.decode(crop=False)
+    if not image.p_ship >= thresholds.classifier or not len(pred):
+        return pred[:0]
+    return resolve_overlaps(pred, image.scores, score_threshold=thresholds.score, min_area=thresholds.min_area)[0]
 
 
-def pick_overlay_sample(has_ships: Sequence[bool], n_predictions: Sequence[int], count: int = 8) -> list[int]:
-    """Indices to show: ship images first, then ship-free images with the most predictions."""
-    ship = [k for k, s in enumerate(has_ships) if s]
-    free = sorted((k for k, s in enumerate(has_ships) if not s), key=lambda k: -n_predictions[k])
-    first = ship[:max(count - count // 4, count - len(free))]
-    return sorted(first + free[:count - len(first)])
-
-
-def save_tune_overlays(cache: Sequence[TuneImage], thresholds: Thresholds, out_path: str | Path,
-                       count: int = 8, load_image: LoadImageFn = read_image) -> Path:
+def plot_tune_overlays(cache: Sequence[TuneImage], thresholds: Thresholds, count: int = 8,
+                       load_image: LoadImageFn = read_image):
     """GT/prediction overlays of a sample of validation images at ``thresholds`` (gate included)."""
-    def kept_masks(image: TuneImage) -> np.ndarray:
-        pred, _, _ = image.decode(crop=False)
-        if not image.p_ship >= thresholds.classifier or not len(pred):
-            return pred[:0]
-        return module_preprocessing.resolve_overlaps(pred, image.scores, score_threshold=thresholds.score,
-                                                     min_area=thresholds.min_area)[0]
-
     # Sampling needs the number of kept predictions of ship-free images: count those only.
-    n_kept = [len(kept_masks(c)) if not c.true_rles and c.pred_rles else 0 for c in cache]
-    chosen = pick_overlay_sample([len(c.true_rles) > 0 for c in cache], n_kept, count)
+    n_kept = [len(_kept_masks(c, thresholds)) if not c.true_rles and c.pred_rles else 0 for c in cache]
+    chosen = module_plots.pick_overlay_sample([len(c.true_rles) > 0 for c in cache], n_kept, count)
     images, trues, preds, titles = [], [], [], []
     for k in chosen:
         image = cache[k]
-        true, pred = coco_to_masks(image.true_rles, image.shape), kept_masks(image)
+        true, pred = coco_to_masks(image.true_rles, image.shape), _kept_masks(image, thresholds)
         images.append(load_image(Path(image.file_name)))
         trues.append(true)
         preds.append(pred)
         titles.append(f"{image.image_id} p_ship {image.p_ship:.2f}\n"
                       f"F2 {_image_f2(true, pred):.2f} ({len(true)} true, {len(pred)} pred)")
-    return draw_overlays(images, trues, preds, titles, out_path)
+    return module_plots.plot_overlays(images, trues, preds, titles)
 
 
-def save_submission_overlays(submission: str | Path | pd.DataFrame, truth: str | Path | pd.DataFrame,
-                             image_dir: str | Path, out_path: str | Path, count: int = 8) -> Path:
-    """GT/prediction overlays for a sample of the images of a submission (truth CSV needed)."""
-    sub = read_submission(submission) if not isinstance(submission, pd.DataFrame) else submission
-    true = read_submission(truth) if not isinstance(truth, pd.DataFrame) else truth
-    sub_rles = sub.groupby("ImageId", sort=True)["EncodedPixels"].apply(lambda s: [r for r in s if r])
-    true_rles = true.groupby("ImageId", sort=True)["EncodedPixels"].apply(lambda s: [r for r in s if r])
-    ids = [i for i in sub_rles.index if i in true_rles.index]
-    chosen = pick_overlay_sample([bool(true_rles[i]) for i in ids], [len(sub_rles[i]) for i in ids], count)
-    images, trues, preds, titles = [], [], [], []
-    for k in chosen:
-        image_id = ids[k]
-        image = read_image(Path(image_dir) / image_id)
-        shape = image.shape[:2]
-        decode = lambda rles: (np.stack([module_preprocessing.rle_decode(r, shape).astype(bool) for r in rles])
-                               if rles else np.zeros((0, *shape), dtype=bool))
-        t, p = decode(true_rles[image_id]), decode(sub_rles[image_id])
-        images.append(image)
-        trues.append(t)
-        preds.append(p)
-        titles.append(f"{image_id}\nF2 {module_metric.f2_image(true_rles[image_id], sub_rles[image_id], shape):.2f} "
-                      f"({len(t)} true, {len(p)} pred)")
-    return draw_overlays(images, trues, preds, titles, out_path)
+@dataclasses.dataclass
+class TuneResult:
+    """What :func:`tune_thresholds` chose and where it wrote it."""
+
+    thresholds: Thresholds
+    f2: float  # validation F2 at the chosen thresholds
+    grid: pd.DataFrame  # every setting tried: classifier_threshold, score_threshold, min_area, f2
+    paths: dict  # thresholds (yaml), grid (csv), cache (pkl), plots
 
 
-# ============================================================================ models
-def get_default_classifier_path(cfg) -> Path:
-    """The classifier exported by module_classifier.train_classifier for this run."""
-    return module_config.get_run_dir(cfg) / "classifier" / "export.pkl"
+def tune_thresholds(cfg, val_dicts: Sequence[dict] | None = None, classifier: str | Path | None = None,
+                    weights: str | Path | None = None, reuse_cache: bool = True, progress: bool = True) -> TuneResult:
+    """Choose the three thresholds for the local F2 on the validation split; write thresholds.yaml.
 
-
-def get_default_weights_path(cfg) -> Path:
-    """The detector weights for this run: the best by validation F2, else the final ones."""
-    detector_dir = module_config.get_run_dir(cfg) / "detector"
-    for name in ("model_best.pth", "model_final.pth"):
-        if (detector_dir / name).is_file():
-            return detector_dir / name
-    raise FileNotFoundError(f"no detector weights in {detector_dir} (model_best.pth or model_final.pth); "
-                            "train with module_train.py or pass --weights")
-
-
-def build_p_ship_fn(cfg, classifier_path: str | Path | None = None) -> PShipFn:
-    """A PShipFn over module_classifier's exported learner (CLASSIFIER.BATCH_SIZE, CLASSIFIER.TTA)."""
-    import module_classifier  # here, not at the top: validate/merge/score need no model stack
-
-    path = Path(classifier_path) if classifier_path else get_default_classifier_path(cfg)
-    if not path.is_file():
-        raise FileNotFoundError(f"classifier {path} does not exist; train it with module_classifier.py, "
-                                "pass --classifier, or set SUBMIT.CLASSIFIER_THRESHOLD 0 to run ungated")
-    learner = module_classifier.load_classifier(path)
-
-    def p_ship_fn(paths: Sequence[Path]) -> np.ndarray:
-        frame = module_classifier.predict_p_ship(learner, list(paths), batch_size=cfg.CLASSIFIER.BATCH_SIZE,
-                                                 tta=cfg.CLASSIFIER.TTA, num_workers=cfg.CLASSIFIER.NUM_WORKERS,
-                                                 on_bad_image="skip", progress=False,
-                                                 precision=cfg.CLASSIFIER.PRECISION)
-        by_id = frame.set_index("ImageId")["p_ship"]  # skipped (unreadable) images are absent: NaN
-        return by_id.reindex([Path(p).name for p in paths]).to_numpy(dtype=np.float64)
-
-    return p_ship_fn
-
-
-def build_detect_fn(cfg, weights: str | Path | None = None) -> DetectFn:
-    """A DetectFn over module_train's detector, at the input size its checkpoint was trained at.
-
-    SUBMIT.TTA turns on flip TTA (masks merged by module_train); SUBMIT.BATCH_SIZE images per pass.
+    ``val_dicts`` default to the run's validation split (``module_preprocessing.get_train_val_dicts``).
+    Both models run once over the split (ungated, every detection above the grid's lowest score
+    kept) into ``tune_cache.pkl``, which is reused while the models and images are the same
+    (``reuse_cache``); then the ``SUBMIT.TUNE_*`` grids are swept (:func:`tune`). Without a
+    classifier export the tuning is ungated (p_ship = 1).
     """
-    import module_train  # here, not at the top: validate/merge/score need no model stack
+    if val_dicts is None:
+        import module_preprocessing
 
+        _, val_dicts = module_preprocessing.get_train_val_dicts(cfg)
+    classifier = Path(classifier) if classifier else module_config.get_classifier_path(cfg)
     weights = Path(weights) if weights else get_default_weights_path(cfg)
-    model = module_train.load_detector(cfg, weights)
-    logger.info("detector %s at input size %d, TTA %s", weights, model.input_size, cfg.SUBMIT.TTA)
+    use_classifier = classifier.is_file()
+    if not use_classifier:
+        logger.warning("no classifier at %s: tuning ungated (p_ship = 1 for every image)", classifier)
+    fingerprint = _cache_fingerprint(weights, classifier if use_classifier else None) + str(
+        [d["image_id"] for d in val_dicts]) + str(min(cfg.SUBMIT.TUNE_SCORE_THRESHOLDS)) + str(
+        [cfg.SUBMIT.TTA, cfg.CLASSIFIER.TTA, cfg.CLASSIFIER.PRECISION])
+    cache_path = get_submission_path(cfg, "tune_cache")
+    cache = None
+    if reuse_cache and cache_path.is_file():
+        stored = pickle.loads(cache_path.read_bytes())
+        if stored.get("fingerprint") == fingerprint:
+            cache = stored["images"]
+            logger.info("tuning: reused the model outputs cached in %s (same models and images)", cache_path)
+        else:
+            logger.info("tuning: %s was made with other models or images: recomputing", cache_path)
+    if cache is None:
+        p_ship_fn = build_p_ship_fn(cfg, classifier) if use_classifier else None
+        cache = collect_tune_cache(val_dicts, build_detect_fn(cfg, weights), p_ship_fn,
+                                   batch_size=cfg.SUBMIT.BATCH_SIZE, min_score=min(cfg.SUBMIT.TUNE_SCORE_THRESHOLDS),
+                                   progress=progress)
+        with atomic_path(cache_path) as tmp:
+            tmp.write_bytes(pickle.dumps({"fingerprint": fingerprint, "images": cache}))
+    chosen, f2, grid = tune(cache, cfg, progress=progress)
+    paths = {"thresholds": get_submission_path(cfg, "thresholds"), "grid": get_submission_path(cfg, "tune_grid"),
+             "cache": cache_path, "plot": get_plot_path(cfg, "tune_f2"), "overlays": get_plot_path(cfg, "val_overlays")}
+    logger.info("chosen on %d validation images: %s -> F2 %.4f; written to %s", len(cache), chosen.as_config(), f2,
+                paths["thresholds"])
+    return TuneResult(chosen, f2, grid, paths)
 
-    def detect_fn(images: Sequence[np.ndarray]) -> list:
-        return module_train.predict_instances(model, list(images), input_size=model.input_size,
-                                              tta=cfg.SUBMIT.TTA, batch_size=cfg.SUBMIT.BATCH_SIZE)
 
-    return detect_fn
+# ============================================================================ predict: the run's submission
+def predict_submission(cfg, images: str | Path | None = None, ids: str | Path | Sequence[str] | None = None,
+                       out: str | Path | None = None, shard: str | None = None,
+                       thresholds_file: str | Path | None = None, overridden: Sequence[str] = (),
+                       classifier: str | Path | None = None, weights: str | Path | None = None,
+                       max_failed: float | None = None, progress: bool = True) -> dict[str, Path]:
+    """Predict the run's submission: every ImageId gets at least one row; written atomically.
+
+    ``images``: the test folder (default ``DATA.TEST_IMAGES``); ``ids``: a CSV or list of ImageIds
+    (default ``DATA.SAMPLE_SUBMISSION`` when ``images`` is not given, else every image file in
+    it); ``out`` default ``runs/<run>/submission/submission.csv``; ``shard`` ``"i/n"`` predicts
+    every n-th id from i (merge the parts with :func:`merge_shards`). Thresholds come from
+    :func:`module_inference.get_thresholds` (``overridden``: the ``SUBMIT.*`` keys given on the
+    command line win). Beside the submission go ``<stem>_p_ship.csv`` and ``<stem>_failures.csv``
+    (unreadable images, which got a blank row). More failures than ``max_failed`` (default
+    ``SUBMIT.MAX_FAILED``: a share if < 1, else a count) raise ``module_files.TooManyFailures``
+    after everything is written. Returns ``{"submission", "failures", "p_ship"}`` paths.
+    """
+    image_dir = Path(images) if images else module_config.get_input_path(cfg, cfg.DATA.TEST_IMAGES)
+    sample = module_config.get_input_path(cfg, cfg.DATA.SAMPLE_SUBMISSION)
+    if ids is not None:
+        image_ids = read_image_ids(ids) if isinstance(ids, (str, Path)) else list(ids)
+    elif not images and sample.is_file():
+        image_ids = read_image_ids(sample, "sample submission")
+    else:
+        image_ids = [p.name for p in list_images(image_dir)]
+    out = Path(out) if out else get_submission_path(cfg)
+    if shard:
+        index, count = parse_shard(shard)
+        image_ids = select_shard(image_ids, index, count)
+        if out == get_submission_path(cfg):
+            out = out.with_name(f"submission_shard{index}of{count}.csv")
+        logger.info("shard %d/%d: %d images", index, count, len(image_ids))
+    thresholds, sources = get_thresholds(cfg, thresholds_file, overridden=overridden)
+    for key, source in sources.items():
+        logger.info("SUBMIT.%s = %s (from %s)", key, thresholds.as_config()[key], source)
+    p_ship_fn = build_p_ship_fn(cfg, classifier) if thresholds.classifier > 0 else None
+    if p_ship_fn is None:
+        logger.info("classifier threshold <= 0: ungated, the detector sees every image")
+    detect_fn = build_detect_fn(cfg, weights)
+    result = predict_rows(image_ids, image_dir, detect_fn, thresholds, p_ship_fn=p_ship_fn,
+                          batch_size=cfg.SUBMIT.BATCH_SIZE, chunk_size=4 * cfg.CLASSIFIER.BATCH_SIZE,
+                          load_image=lambda path: read_image(path, cfg.DATA.IMAGE_SIZE), progress=progress)
+    write_submission(result.rows, out)
+    failures_path = write_failure_report(result.failures, out)
+    p_ship_path = out.with_name(f"{out.stem}_p_ship.csv")
+    with atomic_path(p_ship_path) as tmp:
+        result.p_ship.reset_index().to_csv(tmp, index=False)
+    n_ship_images = int((result.rows["EncodedPixels"] != "").groupby(result.rows["ImageId"]).any().sum())
+    logger.info("wrote %s: %d images, %d rows; the detector ran on %d; %d images with ships; %d unreadable (%s)",
+                out, len(image_ids), len(result.rows), result.n_detected, n_ship_images, len(result.failures),
+                failures_path)
+    check_failure_limit(len(result.failures), len(image_ids),
+                        cfg.SUBMIT.MAX_FAILED if max_failed is None else max_failed, failures_path)
+    return {"submission": out, "failures": failures_path, "p_ship": p_ship_path}
 
 
 # ============================================================================ command line
-def _add_config_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default="configs/airbus.yaml", help="pipeline config YAML")
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--classifier", default=None, help="exported classifier (default runs/<run>/classifier/export.pkl)")
     parser.add_argument("--weights", default=None, help="detector weights (default runs/<run>/detector/model_best.pth)")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, default=[], help="config overrides: KEY VALUE ...")
+    module_config.add_config_args(parser)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -820,19 +674,23 @@ def get_args_parser() -> argparse.ArgumentParser:
     predict.add_argument("--shard", default=None, help="i/n: predict only shard i (from 0) of n; merge with `merge`")
     predict.add_argument("--thresholds", default=None, help="thresholds YAML (default runs/<run>/submission/thresholds.yaml "
                          "when present, else the SUBMIT.* config)")
+    predict.add_argument("--max-failed", type=float, default=None,
+                         help="exit 1 when more images cannot be read (a share if < 1, else a count; default "
+                              "SUBMIT.MAX_FAILED); the submission and the failure report are written either way")
     predict.add_argument("--no-progress", action="store_true", help="no progress bar")
-    _add_config_args(predict)
+    _add_model_args(predict)
 
-    merge = commands.add_parser("merge", help="shard submissions -> one submission, checked for completeness")
+    merge = commands.add_parser("merge", help="shard submissions -> one submission, each shard validated")
     merge.add_argument("--shards", nargs="+", required=True, help="shard CSVs written by predict --shard")
     merge.add_argument("--ids", required=True, help="CSV with every ImageId (sample_submission_v2.csv)")
     merge.add_argument("--out", required=True, help="merged submission CSV")
+    merge.add_argument("--image-size", type=int, default=KAGGLE_SHAPE[0], help="image side in px (Kaggle: 768)")
 
     tune_parser = commands.add_parser("tune", help="grid-search the thresholds on the validation split")
     tune_parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    tune_parser.add_argument("--reuse-cache", action="store_true",
-                             help="reuse the cached model outputs of a previous tune (same models) instead of re-running them")
-    _add_config_args(tune_parser)
+    tune_parser.add_argument("--fresh", action="store_true",
+                             help="run the models again instead of reusing their cached outputs (same models)")
+    _add_model_args(tune_parser)
 
     validate = commands.add_parser("validate", help="check a submission file; exit 0 valid, 1 invalid")
     validate.add_argument("--submission", required=True)
@@ -856,122 +714,50 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
+    """Run one subcommand; returns the exit status (0 success, 1 invalid / too many failures)."""
+    module_config.setup_logging()
     commands = {"predict": _main_predict, "merge": _main_merge, "tune": _main_tune,
                 "validate": _main_validate, "score": _main_score, "visualize": _main_visualize}
     return commands[args.command](args)
 
 
-def _setup_logging() -> None:
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
-
-
-def _list_images(image_dir: Path) -> list[str]:
-    if not image_dir.is_dir():
-        raise FileNotFoundError(f"image folder {image_dir} does not exist")
-    names = sorted(p.name for p in image_dir.iterdir() if p.suffix.lower() in {".jpg", ".jpeg", ".png"})
-    if not names:
-        raise ValueError(f"image folder {image_dir} holds no .jpg/.jpeg/.png file")
-    return names
-
-
 def _main_predict(args: argparse.Namespace) -> int:
-    _setup_logging()
-    cfg = module_config.get_cfg(args.config, args.opts)
-    image_dir = Path(args.images) if args.images else module_config.get_input_path(cfg, cfg.DATA.TEST_IMAGES)
-    sample = module_config.get_input_path(cfg, cfg.DATA.SAMPLE_SUBMISSION)
-    if args.ids:
-        image_ids = read_image_ids(args.ids)
-    elif not args.images and sample.is_file():
-        image_ids = read_image_ids(sample)
-    else:
-        image_ids = _list_images(image_dir)
-    out = Path(args.out) if args.out else get_submission_dir(cfg) / "submission.csv"
-    if args.shard:
-        index, count = parse_shard(args.shard)
-        image_ids = select_shard(image_ids, index, count)
-        if not args.out:
-            out = out.with_name(f"submission_shard{index}of{count}.csv")
-        logger.info("shard %d/%d: %d images", index, count, len(image_ids))
-    thresholds, sources = get_thresholds(cfg, args.thresholds, overridden=args.opts[0::2])
-    for key, source in sources.items():
-        logger.info("SUBMIT.%s = %s (from %s)", key, thresholds.as_config()[key], source)
-    p_ship_fn = build_p_ship_fn(cfg, args.classifier) if thresholds.classifier > 0 else None
-    if p_ship_fn is None:
-        logger.info("classifier threshold <= 0: ungated, the detector sees every image")
-    detect_fn = build_detect_fn(cfg, args.weights)
-    result = predict_rows(image_ids, image_dir, detect_fn, thresholds, p_ship_fn=p_ship_fn,
-                          batch_size=cfg.SUBMIT.BATCH_SIZE, chunk_size=4 * cfg.CLASSIFIER.BATCH_SIZE,
-                          load_image=lambda path: read_image(path, cfg.DATA.IMAGE_SIZE),
-                          progress=not args.no_progress)
-    write_submission(result.rows, out)
-    failures_path = write_failures(result.failures, out)
-    with module_config.atomic_path(out.with_name(f"{out.stem}_p_ship.csv")) as tmp:
-        result.p_ship.reset_index().to_csv(tmp, index=False)
-    n_ship_images = int((result.rows["EncodedPixels"] != "").groupby(result.rows["ImageId"]).any().sum())
-    logger.info("wrote %s: %d images, %d rows; the detector ran on %d; %d images with ships; %d unreadable (%s)",
-                out, len(image_ids), len(result.rows), result.n_detected, n_ship_images, len(result.failures),
-                failures_path)
+    cfg = get_cfg_from_args(args)
+    import module_synthetic
+
+    module_synthetic.prepare_synthetic_input(cfg)
+    try:
+        predict_submission(cfg, images=args.images, ids=args.ids, out=args.out, shard=args.shard,
+                           thresholds_file=args.thresholds, overridden=args.opts, classifier=args.classifier,
+                           weights=args.weights, max_failed=args.max_failed, progress=not args.no_progress)
+    except TooManyFailures as exc:
+        logger.error("%s", exc)
+        return 1
     return 0
 
 
 def _main_merge(args: argparse.Namespace) -> int:
-    _setup_logging()
     image_ids = read_image_ids(args.ids)
-    merged = merge_shards(args.shards, image_ids)
+    merged = merge_shards(args.shards, image_ids, (args.image_size, args.image_size))
     write_submission(merged, args.out)
-    failure_reports = [get_failures_path(p) for p in args.shards if get_failures_path(p).is_file()]
+    failure_reports = [get_failure_report_path(p) for p in args.shards if get_failure_report_path(p).is_file()]
     if failure_reports:
         failures = pd.concat([pd.read_csv(p, dtype=str, keep_default_na=False) for p in failure_reports],
                              ignore_index=True)
-        write_failures(failures, args.out)
-        logger.info("%d unreadable images across the shards (%s)", len(failures), get_failures_path(args.out))
+        write_failure_report(failures, args.out)
+        logger.info("%d unreadable images across the shards (%s)", len(failures), get_failure_report_path(args.out))
     logger.info("merged %d shards into %s: %d images, %d rows", len(args.shards), args.out, len(image_ids), len(merged))
     return 0
 
 
-def _cache_fingerprint(*paths: Path | None) -> str:
-    digest = hashlib.sha256()
-    for path in paths:
-        if path is not None:
-            stat = Path(path).stat()
-            digest.update(f"{Path(path).resolve()}:{stat.st_size}:{stat.st_mtime_ns};".encode())
-    return digest.hexdigest()
-
-
 def _main_tune(args: argparse.Namespace) -> int:
-    _setup_logging()
-    cfg = module_config.get_cfg(args.config, args.opts)
-    _, val_dicts = module_preprocessing.get_train_val_dicts(cfg)
-    out_dir = get_submission_dir(cfg)
-    plots_dir = module_config.get_run_dir(cfg) / "plots"
-    classifier = Path(args.classifier) if args.classifier else get_default_classifier_path(cfg)
-    weights = Path(args.weights) if args.weights else get_default_weights_path(cfg)
-    use_classifier = classifier.is_file()
-    if not use_classifier:
-        logger.warning("no classifier at %s: tuning ungated (p_ship = 1 for every image)", classifier)
-    fingerprint = _cache_fingerprint(weights, classifier if use_classifier else None) + str(
-        [d["image_id"] for d in val_dicts])
-    cache_path = out_dir / "tune_cache.pkl"
-    cache = None
-    if args.reuse_cache and cache_path.is_file():
-        stored = pickle.loads(cache_path.read_bytes())
-        if stored.get("fingerprint") == fingerprint:
-            cache = stored["images"]
-            logger.info("reusing the model outputs cached in %s", cache_path)
-        else:
-            logger.info("%s was made with other models or images: recomputing", cache_path)
-    if cache is None:
-        p_ship_fn = build_p_ship_fn(cfg, classifier) if use_classifier else None
-        cache = collect_tune_cache(val_dicts, build_detect_fn(cfg, weights), p_ship_fn,
-                                   batch_size=cfg.SUBMIT.BATCH_SIZE, min_score=min(cfg.SUBMIT.TUNE_SCORE_THRESHOLDS),
-                                   progress=not args.no_progress)
-        with module_config.atomic_path(cache_path) as tmp:
-            tmp.write_bytes(pickle.dumps({"fingerprint": fingerprint, "images": cache}))
-    chosen, f2, grid = tune(cache, cfg, out_dir, plots_dir, progress=not args.no_progress)
-    logger.info("chosen on %d validation images: %s -> F2 %.4f; written to %s; plots in %s",
-                len(cache), chosen.as_config(), f2, out_dir / "thresholds.yaml", plots_dir)
-    print(f"F2 {f2:.6f}")
+    cfg = get_cfg_from_args(args)
+    import module_synthetic
+
+    module_synthetic.prepare_synthetic_input(cfg)
+    result = tune_thresholds(cfg, classifier=args.classifier, weights=args.weights, reuse_cache=not args.fresh,
+                             progress=not args.no_progress)
+    print(f"F2 {result.f2:.6f}")
     return 0
 
 
@@ -991,7 +777,7 @@ def _main_validate(args: argparse.Namespace) -> int:
 def _main_score(args: argparse.Namespace) -> int:
     result = score_report(args.submission, args.truth, (args.image_size, args.image_size))
     if args.per_image_csv:
-        with module_config.atomic_path(args.per_image_csv) as tmp:
+        with atomic_path(args.per_image_csv) as tmp:
             result.per_image.to_csv(tmp, index=False)
     if args.json:
         print(json.dumps(module_metric.score_to_json(result)))
@@ -1006,7 +792,8 @@ def _main_score(args: argparse.Namespace) -> int:
 
 
 def _main_visualize(args: argparse.Namespace) -> int:
-    out = save_submission_overlays(args.submission, args.truth, args.images, args.out, count=args.count)
+    out = module_plots.save_figure(module_plots.plot_submission_overlays(args.submission, args.images, args.truth,
+                                                                         count=args.count), args.out, dpi=80)
     print(f"wrote {out}")
     return 0
 

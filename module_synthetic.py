@@ -11,7 +11,7 @@ Challenge" download::
     out_dir/test_ship_segmentations.csv        the held-back test truth (Kaggle keeps its own)
 
 ImageIds look like Kaggle's (9 lowercase hex digits + ".jpg"). EncodedPixels is Kaggle RLE
-(column-major, 1-indexed), written by ``module_preprocessing.rle_encode``. Masks of one image
+(column-major, 1-indexed), written by ``module_rle.rle_encode``. Masks of one image
 never overlap: ships are rasterised into one label map, a later ship taking the pixels it shares
 with an earlier one (painter's order, which is also how they are drawn).
 
@@ -31,9 +31,13 @@ appears, cut or whole, in several tiles with consistent masks. This is what an o
 train/validation split must group; the test images are all independent.
 
 Files are written atomically; the training CSV last, so its presence marks a complete dataset.
+Generating is a step of its own: the entry points (the notebook, ``run_notebook.py``, the
+training and submission command lines) call :func:`prepare_synthetic_input`, which generates the
+config's ``SYNTH`` dataset into ``PATHS.INPUT_DIR`` when it is missing or its settings changed.
+Reading data (``module_preprocessing``) never writes any.
 
+    python module_synthetic.py --config configs/demo.yaml          # the config's SYNTH dataset
     python module_synthetic.py --out input --n-train 400 --n-test 100 --image-size 256
-    python module_preprocessing.py synth --out input --n-train 400 --n-test 100   # the same
 
 Importing this module does nothing but define functions.
 """
@@ -51,13 +55,11 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 import module_config
-# The RLE codec. Imported as a module, not by name, so that module_preprocessing (whose `synth`
-# subcommand calls generate_dataset) can import this module in turn.
-import module_preprocessing
+from module_files import atomic_path
+from module_rle import KAGGLE_SIZE, rle_encode
 
 logger = logging.getLogger(__name__)
 
-KAGGLE_IMAGE_SIZE = 768
 # Ship length range (px) at 768 px; scaled by image_size / 768. Lengths are log-uniform.
 SHIP_LENGTH_RANGE = (10.0, 300.0)
 # Relative frequency of 1, 2, ..., 15 ships in an image with ships (roughly train_v2's).
@@ -145,7 +147,7 @@ def _draw_sea(rng, height, width, scale) -> np.ndarray:
     brightness = light + ramp + waves + chop + rng.normal(0, rng.uniform(1, 3), (height, width)).astype(np.float32)
     sea = base[None, None, :] + brightness[..., None] * np.array([0.9, 1.0, 1.05], np.float32)
     if rng.random() < WHITECAP_PROB:  # rough sea: small bright specks, smaller than any ship
-        n_caps = int(rng.integers(20, 120) * height * width / KAGGLE_IMAGE_SIZE ** 2) + 1
+        n_caps = int(rng.integers(20, 120) * height * width / KAGGLE_SIZE ** 2) + 1
         caps = np.zeros((height, width), np.float32)
         for x, y in zip(rng.uniform(0, width, n_caps), rng.uniform(0, height, n_caps)):
             cv2.circle(caps, (int(x), int(y)), max(1, int(rng.uniform(0.5, 2) * scale)), 1.0, -1)
@@ -176,7 +178,7 @@ def _paint_land(rng, sea, region, scale) -> None:
     ground = colour[None, None, :] + texture[..., None]
     # Buildings and fields: rectangles of other tones, some bright and ship-sized.
     blocks = np.zeros((height, width), np.float32)
-    for _ in range(int(rng.integers(10, 60) * height * width / KAGGLE_IMAGE_SIZE ** 2) + 2):
+    for _ in range(int(rng.integers(10, 60) * height * width / KAGGLE_SIZE ** 2) + 2):
         rectangle = _rotated_rectangle((rng.uniform(0, width), rng.uniform(0, height)),
                                        rng.uniform(6, 60) * scale + 1, rng.uniform(4, 30) * scale + 1,
                                        rng.uniform(0, math.pi))
@@ -441,21 +443,21 @@ def _ship_count(rng) -> int:
 def _rles(labels: np.ndarray) -> list[str]:
     """Kaggle RLE strings of the ships of a label map, in label order; [] when there is none."""
     present = np.unique(labels)
-    return [module_preprocessing.rle_encode((labels == k).astype(np.uint8)) for k in present[present > 0]]
+    return [rle_encode((labels == k).astype(np.uint8)) for k in present[present > 0]]
 
 
 def _write_jpeg(path: Path, image: np.ndarray) -> None:
     ok, buffer = cv2.imencode(".jpg", np.ascontiguousarray(image[..., ::-1]), [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
     if not ok:
         raise RuntimeError(f"JPEG encoding failed for {path}")
-    with module_config.atomic_path(path) as tmp:
+    with atomic_path(path) as tmp:
         tmp.write_bytes(buffer.tobytes())
 
 
 def _write_csv(path: Path, rows: list[tuple[str, str]]) -> None:
     frame = pd.DataFrame(rows, columns=["ImageId", "EncodedPixels"])
     frame = frame.sort_values("ImageId", kind="stable")  # Kaggle's files are sorted by ImageId
-    with module_config.atomic_path(path) as tmp:
+    with atomic_path(path) as tmp:
         frame.to_csv(tmp, index=False)
 
 
@@ -466,7 +468,7 @@ def get_scene_step(image_size: int) -> int:
     decode almost bit-identically, as in Kaggle; at other sizes (85 px at 256) they differ by
     about one grey level (JPEG blocks fall differently).
     """
-    return int(round(SCENE_STEP * image_size / KAGGLE_IMAGE_SIZE))
+    return int(round(SCENE_STEP * image_size / KAGGLE_SIZE))
 
 
 def get_dataset_paths(out_dir: str | os.PathLike) -> dict[str, Path]:
@@ -477,7 +479,7 @@ def get_dataset_paths(out_dir: str | os.PathLike) -> dict[str, Path]:
 
 
 def generate_dataset(out_dir: str | os.PathLike, n_train: int, n_test: int, seed: int = 0,
-                     empty_fraction: float = 0.78, image_size: int = KAGGLE_IMAGE_SIZE,
+                     empty_fraction: float = 0.78, image_size: int = KAGGLE_SIZE,
                      overwrite: bool = False) -> dict[str, Path]:
     """Write a synthetic dataset in Kaggle's layout under ``out_dir``; returns `get_dataset_paths`.
 
@@ -503,7 +505,7 @@ def generate_dataset(out_dir: str | os.PathLike, n_train: int, n_test: int, seed
     paths["train_images"].mkdir(parents=True, exist_ok=True)
     paths["test_images"].mkdir(parents=True, exist_ok=True)
 
-    scale = image_size / KAGGLE_IMAGE_SIZE
+    scale = image_size / KAGGLE_SIZE
     ids = _image_ids(seed, n_train + n_test)
     train_ids, test_ids = ids[:n_train], ids[n_train:]
     progress = tqdm(total=n_train + n_test, desc="synthetic images", unit="img", disable=None)
@@ -554,7 +556,7 @@ def _write_independent(folder: Path, image_ids: list[str], n_empty: int, seed: i
     order = np.random.default_rng([seed, stream, 10 ** 9]).permutation(len(image_ids))
     empty = set(order[:n_empty].tolist())
     rows: list[tuple[str, str]] = []
-    scale = image_size / KAGGLE_IMAGE_SIZE
+    scale = image_size / KAGGLE_SIZE
     for index, image_id in enumerate(image_ids):
         rng = np.random.default_rng([seed, stream, index])
         n_ships = 0 if index in empty else _ship_count(rng)
@@ -565,75 +567,77 @@ def _write_independent(folder: Path, image_ids: list[str], n_empty: int, seed: i
     return rows
 
 
-# ---------------------------------------------------------------- a look at the data
-def save_contact_sheet(csv_path: str | os.PathLike, image_dir: str | os.PathLike, out_png: str | os.PathLike,
-                       n_images: int = 12, columns: int = 4, with_ships_first: bool = True,
-                       cell_size: int | None = None) -> Path:
-    """Save a grid of images with their ships outlined (one colour per ship) and ImageIds.
+# ---------------------------------------------------------------- the config's dataset
+SYNTH_MANIFEST = "synthetic.json"  # written beside generated data: the settings it was made with
 
-    Works on any Kaggle-format CSV + image folder (generated or real). With
-    ``with_ships_first`` the images with most ships come first; else the CSV order.
-    ``cell_size``: resize every image to this side (px) first; None keeps the image size.
+
+def get_synthetic_settings(cfg) -> dict:
+    """The :func:`generate_dataset` arguments of the config's ``SYNTH`` keys."""
+    return {"n_train": int(cfg.SYNTH.N_TRAIN), "n_test": int(cfg.SYNTH.N_TEST), "seed": int(cfg.SYNTH.SEED),
+            "empty_fraction": float(cfg.SYNTH.EMPTY_FRACTION), "image_size": int(cfg.SYNTH.IMAGE_SIZE)}
+
+
+def prepare_synthetic_input(cfg) -> Path | None:
+    """With ``SYNTH.ENABLED``, make sure ``PATHS.INPUT_DIR`` holds the config's synthetic dataset;
+    returns the folder (None when the config uses real data: nothing is done).
+
+    The dataset is generated when its training CSV is absent, and regenerated when the ``SYNTH``
+    settings changed since, but only over data this function generated (it leaves a
+    ``synthetic.json`` manifest; a folder without one is never overwritten).
     """
-    truth = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
-    groups = truth.groupby("ImageId", sort=False)["EncodedPixels"].apply(lambda s: [r for r in s if r.strip()])
-    if with_ships_first:
-        groups = groups.iloc[np.argsort([-len(r) for r in groups.values], kind="stable")]
-    cells = []
-    for image_id, rles in list(groups.items())[:n_images]:
-        bgr = cv2.imread(str(Path(image_dir) / image_id), cv2.IMREAD_COLOR)
-        if bgr is None:
-            raise FileNotFoundError(f"{csv_path}: image {image_id} not found or unreadable in {image_dir}")
-        shape = bgr.shape[:2]
-        if cell_size:
-            bgr = cv2.resize(bgr, (cell_size, cell_size), interpolation=cv2.INTER_LINEAR)
-        for k, rle in enumerate(rles):
-            mask = module_preprocessing.rle_decode(rle, shape)
-            if cell_size:
-                mask = cv2.resize(mask, (cell_size, cell_size), interpolation=cv2.INTER_NEAREST)
-            contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-            hue = np.uint8([[[(k * 47) % 180, 255, 255]]])
-            colour = tuple(int(c) for c in cv2.cvtColor(hue, cv2.COLOR_HSV2BGR)[0, 0])
-            cv2.drawContours(bgr, contours, -1, colour, 1)
-        cv2.putText(bgr, f"{image_id} ({len(rles)})", (4, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 255, 255), 1)
-        cells.append(bgr)
-    if not cells:
-        raise ValueError(f"{csv_path}: no images")
-    side = max(max(c.shape[:2]) for c in cells)
-    cells = [cv2.copyMakeBorder(c, 0, side - c.shape[0] + 2, 0, side - c.shape[1] + 2, cv2.BORDER_CONSTANT) for c in cells]
-    cells += [np.zeros_like(cells[0])] * (-len(cells) % columns)
-    sheet = np.vstack([np.hstack(cells[i:i + columns]) for i in range(0, len(cells), columns)])
-    out_png = Path(out_png)
-    with module_config.atomic_path(out_png) as tmp:
-        if not cv2.imwrite(str(tmp), sheet):
-            raise RuntimeError(f"could not write {out_png}")
-    return out_png
+    import json
+
+    if not cfg.SYNTH.ENABLED:
+        return None
+    input_dir = Path(cfg.PATHS.INPUT_DIR)
+    wanted = get_synthetic_settings(cfg)
+    manifest = input_dir / SYNTH_MANIFEST
+    have = json.loads(manifest.read_text()) if manifest.is_file() else None
+    train_csv = module_config.get_input_path(cfg, cfg.DATA.TRAIN_CSV)
+    if not train_csv.is_file() or (have is not None and have != wanted):
+        logger.info("generating a synthetic Kaggle-format dataset in %s (%s)", input_dir, wanted)
+        generate_dataset(input_dir, overwrite=have is not None, **wanted)
+        with atomic_path(manifest) as tmp:
+            tmp.write_text(json.dumps(wanted, indent=1))
+    return input_dir
 
 
 # ---------------------------------------------------------------- command line
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Write a synthetic dataset in the Kaggle Airbus layout.")
-    parser.add_argument("--out", required=True, help="output folder (gets train_v2/, test_v2/ and the CSVs)")
-    parser.add_argument("--n-train", type=int, default=400, help="number of training images")
-    parser.add_argument("--n-test", type=int, default=100, help="number of test images")
-    parser.add_argument("--seed", type=int, default=0, help="same seed, same files")
-    parser.add_argument("--empty-fraction", type=float, default=0.78, help="share of ship-free images")
-    parser.add_argument("--image-size", type=int, default=KAGGLE_IMAGE_SIZE, help="side of the square tiles (px)")
+    parser = argparse.ArgumentParser(description="Write a synthetic dataset in the Kaggle Airbus layout: the config's "
+                                                 "SYNTH dataset into PATHS.INPUT_DIR, or as the options say.")
+    parser.add_argument("--out", default=None, help="output folder (gets train_v2/, test_v2/ and the CSVs); "
+                                                     "default PATHS.INPUT_DIR of the config")
+    parser.add_argument("--n-train", type=int, default=None, help="number of training images (default SYNTH.N_TRAIN)")
+    parser.add_argument("--n-test", type=int, default=None, help="number of test images (default SYNTH.N_TEST)")
+    parser.add_argument("--seed", type=int, default=None, help="same seed, same files (default SYNTH.SEED)")
+    parser.add_argument("--empty-fraction", type=float, default=None,
+                        help="share of ship-free images (default SYNTH.EMPTY_FRACTION)")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="side of the square tiles in px (default SYNTH.IMAGE_SIZE)")
     parser.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out")
     parser.add_argument("--contact-sheet", default="", help="also save a PNG of training images with ships outlined")
+    module_config.add_config_args(parser)
     return parser
 
 
 def main(args: argparse.Namespace) -> dict[str, Path]:
-    paths = generate_dataset(args.out, args.n_train, args.n_test, seed=args.seed, empty_fraction=args.empty_fraction,
-                             image_size=args.image_size, overwrite=args.overwrite)
+    module_config.setup_logging()
+    cfg = module_config.get_cfg_from_args(args)
+    settings = get_synthetic_settings(cfg)
+    for key in settings:
+        if getattr(args, key) is not None:
+            settings[key] = getattr(args, key)
+    paths = generate_dataset(args.out or cfg.PATHS.INPUT_DIR, overwrite=args.overwrite, **settings)
     if args.contact_sheet:
-        save_contact_sheet(paths["train_csv"], paths["train_images"], args.contact_sheet)
+        import module_plots  # pictures only when asked for
+
+        module_plots.save_figure(module_plots.plot_submission_overlays(paths["train_csv"], paths["train_images"],
+                                                                       count=12), args.contact_sheet)
     for name, path in paths.items():
         print(f"{name}: {path}")
     return paths
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     main(get_args_parser().parse_args())

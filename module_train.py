@@ -1,6 +1,9 @@
-"""Mask R-CNN ship detector: training in resolution stages, validation by the competition F2, inference.
+"""Mask R-CNN ship detector: training in resolution stages, validated by the competition F2.
 
-Training (``train_detector``) runs the stages of ``DETECTOR.STAGES`` in order, by default
+    train_dicts, val_dicts = module_preprocessing.get_train_val_dicts(cfg)
+    paths = train_detector(cfg, train_dicts, val_dicts)   # {"final": ..., "best": ..., ...}
+
+Training (:func:`train_detector`) runs the stages of ``DETECTOR.STAGES`` in order, by default
 256 -> 512 -> 768 px. Each stage
 
 - really trains at its size: the mapper resizes image and masks to ``size x size`` and a guard
@@ -11,7 +14,7 @@ Training (``train_detector``) runs the stages of ``DETECTOR.STAGES`` in order, b
   atomically), ``metrics.json`` (JSON lines) and TensorBoard events (losses, LR, validation
   metrics, ground-truth/prediction overlays);
 - is validated every ``DETECTOR.EVAL_PERIOD`` iterations and at its end: competition F2
-  (``module_metric.f2_masks`` after ``module_preprocessing.resolve_overlaps`` with
+  (``module_metric.f2_masks`` after ``module_inference.resolve_overlaps`` with
   ``SUBMIT.SCORE_THRESHOLD``/``SUBMIT.MIN_AREA``) and COCO AP (pycocotools). Every result is
   appended to ``runs/<run>/detector/val_metrics.jsonl``; the best weights over all stages by
   ``DETECTOR.BEST_METRIC`` (default: F2 on the validation images with ships, where the gated
@@ -26,11 +29,9 @@ from the rotated masks), random brightness/contrast with std ``DETECTOR.LIGHTING
     python module_train.py --config configs/airbus.yaml --stage 2 --resume   # one stage, resumed
     torchrun --nproc_per_node 4 module_train.py --config configs/airbus.yaml SOLVER.IMS_PER_BATCH 16
 
-Inference, shared with the submission code:
-
-    model = load_detector(cfg, "runs/airbus/detector/model_best.pth")      # eval mode, on device
-    preds = predict_instances(model, [rgb_uint8_image], input_size=768, tta=True)
-    preds[0]["masks"]   # (N, H, W) bool at the image's own size; preds[0]["scores"] (N,) float32
+The model's stages and detectron2 config are ``module_config``'s (:func:`module_config.get_stages`,
+:func:`module_config.get_model_cfg`); prediction, in validation as everywhere, is
+``module_inference``'s, whose resize is the first step of this module's training mapper.
 
 Importing this module does nothing but define functions.
 """
@@ -46,22 +47,21 @@ import json
 import logging
 import math
 import os
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator, Sequence
-from urllib.parse import urlparse
 
-import cv2
 import numpy as np
-import pycocotools.mask as mask_util
 import torch
 import torch.distributed as dist
+
+import module_config  # first: it imports detectron2 quietly (see there)
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_train_loader
-from detectron2.data import detection_utils
 from detectron2.data import transforms as T
-from detectron2.data.samplers import TrainingSampler
 from detectron2.engine import AMPTrainer, SimpleTrainer, hooks
 from detectron2.engine.train_loop import HookBase
 from detectron2.evaluation import COCOEvaluator
@@ -70,161 +70,28 @@ from detectron2.solver import build_lr_scheduler, build_optimizer
 from detectron2.structures import BitMasks, Instances
 from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
-from detectron2.utils.events import CommonMetricPrinter, JSONWriter, TensorboardXWriter, get_event_storage
-from detectron2.utils.file_io import PathManager
+from detectron2.utils.events import CommonMetricPrinter, EventStorage, JSONWriter, TensorboardXWriter, get_event_storage
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from module_config import atomic_path, get_cfg, get_run_dir, save_cfg
+from module_config import (Stage, get_detector_dir, get_detector_path, get_model_cfg, get_stage,
+                           get_stage_dir, get_stage_path, get_stages, save_cfg, uses_random_init)
+from module_files import atomic_path, read_image, set_aside
+from module_inference import (get_eval_augmentations, predict_instances, resolve_overlaps, resolve_weights,
+                              unwrap_model)
 from module_metric import f2_masks
-from module_preprocessing import get_train_val_dicts, register_airbus_datasets, resolve_overlaps
+from module_plots import draw_outlines
+from module_progress import ProgressReporter
+from module_rle import coco_to_masks
 
 logger = logging.getLogger(__name__)
 
-# detectron2's model-zoo URL scheme and where its PathManager downloads it from.
-DETECTRON2_URL_PREFIX = "detectron2://"
-DETECTRON2_DOWNLOAD_URL = "https://dl.fbaipublicfiles.com/detectron2/"
 # Collective operations wait this long, e.g. the other ranks at the barrier while rank 0 runs
 # the validation hook on the whole validation subset.
 DISTRIBUTED_TIMEOUT = datetime.timedelta(hours=2)
-# TTA views as (name, numpy axis of an (H, W, ...) image to flip; None: the original).
-TTA_VIEWS = (("original", None), ("hflip", 1), ("vflip", 0))
 
 
-# ---------------------------------------------------------------- stages and config
-@dataclasses.dataclass(frozen=True)
-class Stage:
-    """One resolution stage of ``DETECTOR.STAGES`` (index counts from 1)."""
-
-    index: int
-    size: int  # input side in px: images and masks are resized to size x size
-    iterations: int
-    base_lr: float
-    warmup: int  # linear warmup iterations
-
-    @property
-    def name(self) -> str:
-        return f"stage{self.index}_{self.size}"
-
-
-def get_stages(cfg: CfgNode) -> list[Stage]:
-    """``DETECTOR.STAGES`` checked and parsed; a bad entry raises ``ValueError`` naming it."""
-    raw = cfg.DETECTOR.STAGES
-    if not raw:
-        raise ValueError("DETECTOR.STAGES is empty: give at least one [size, iterations, base LR, warmup]")
-    stages = []
-    for i, entry in enumerate(raw, start=1):
-        where = f"DETECTOR.STAGES entry {i} ({list(entry) if isinstance(entry, (list, tuple)) else entry!r})"
-        if not isinstance(entry, (list, tuple)) or len(entry) != 4:
-            raise ValueError(f"{where}: expected [size, iterations, base LR, warmup iterations]")
-        size, iterations, base_lr, warmup = entry
-        if isinstance(size, bool) or not isinstance(size, (int, float)) or size != int(size):
-            raise ValueError(f"{where}: input size {size!r} must be an integer number of pixels")
-        if not 32 <= size <= 4096 or int(size) % 32:
-            raise ValueError(
-                f"{where}: input size {size} must be a multiple of 32 between 32 and 4096 "
-                "(the FPN pads inputs to multiples of 32)"
-            )
-        if isinstance(iterations, bool) or not isinstance(iterations, (int, float)) or iterations != int(iterations) or iterations < 1:
-            raise ValueError(f"{where}: iterations {iterations!r} must be a positive integer")
-        if not isinstance(base_lr, (int, float)) or not base_lr > 0:
-            raise ValueError(f"{where}: base LR {base_lr!r} must be a positive number")
-        if not isinstance(warmup, (int, float)) or warmup != int(warmup) or warmup < 0:
-            raise ValueError(f"{where}: warmup {warmup!r} must be a non-negative integer")
-        stages.append(Stage(i, int(size), int(iterations), float(base_lr), int(warmup)))
-    return stages
-
-
-def get_stage(cfg: CfgNode, index: int) -> Stage:
-    """Stage ``index`` (from 1) of ``DETECTOR.STAGES``; ``ValueError`` when there is none."""
-    stages = get_stages(cfg)
-    if not 1 <= index <= len(stages):
-        raise ValueError(f"stage {index} does not exist: DETECTOR.STAGES has stages 1..{len(stages)}")
-    return stages[index - 1]
-
-
-def get_detector_dir(cfg: CfgNode) -> Path:
-    """``runs/<run>/detector`` (created)."""
-    path = get_run_dir(cfg) / "detector"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def get_stage_dir(cfg: CfgNode, stage: Stage) -> Path:
-    """``runs/<run>/detector/stage<i>_<size>`` (not created)."""
-    return get_run_dir(cfg) / "detector" / stage.name
-
-
-def uses_random_init(cfg: CfgNode) -> bool:
-    """True when ``MODEL.WEIGHTS`` is empty: the backbone then needs trainable norms."""
-    return not cfg.MODEL.WEIGHTS
-
-
-def get_model_cfg(cfg: CfgNode, stage: Stage | None = None) -> CfgNode:
-    """The detectron2 config of ``stage`` (architecture, input size, solver, output folder).
-
-    Without a stage, the last stage's input size (inference). Random init (``MODEL.WEIGHTS``
-    empty) replaces FrozenBN by ``DETECTOR.RANDOM_INIT_NORM`` and trains every layer
-    (``FREEZE_AT`` 0): FrozenBN keeps the random statistics frozen and diverges within a few
-    iterations. This depends only on ``MODEL.WEIGHTS`` of ``cfg``, so training and
-    `load_detector` build the same architecture.
-    """
-    stage = stage or get_stages(cfg)[-1]
-    out = cfg.clone()
-    out.defrost()
-    out.INPUT.MIN_SIZE_TRAIN = (stage.size,)
-    out.INPUT.MAX_SIZE_TRAIN = stage.size
-    out.INPUT.MIN_SIZE_TEST = stage.size
-    out.INPUT.MAX_SIZE_TEST = stage.size
-    out.SOLVER.MAX_ITER = stage.iterations
-    out.SOLVER.BASE_LR = stage.base_lr
-    out.SOLVER.WARMUP_ITERS = stage.warmup
-    out.SOLVER.STEPS = tuple(sorted({int(f * stage.iterations) for f in cfg.DETECTOR.LR_DECAY_AT if 0 < f < 1}))
-    out.OUTPUT_DIR = str(get_stage_dir(cfg, stage))
-    if uses_random_init(cfg):
-        out.MODEL.RESNETS.NORM = cfg.DETECTOR.RANDOM_INIT_NORM
-        out.MODEL.BACKBONE.FREEZE_AT = 0
-    out.freeze()
-    return out
-
-
-# ---------------------------------------------------------------- weights
-def get_weights_cache_path(url: str) -> Path:
-    """Where detectron2's PathManager keeps a downloaded ``detectron2://`` or http(s) URL."""
-    from iopath.common.file_io import get_cache_dir
-
-    if url.startswith(DETECTRON2_URL_PREFIX):
-        url = DETECTRON2_DOWNLOAD_URL + url[len(DETECTRON2_URL_PREFIX):]
-    return Path(get_cache_dir()) / urlparse(url).path.lstrip("/")
-
-
-def resolve_weights(weights: str) -> str:
-    """A local file for ``weights`` ("" stays ""): URLs are downloaded (or found in the cache).
-
-    Raises ``FileNotFoundError`` for a local path that does not exist and ``RuntimeError`` saying
-    where to put the file when a download fails (e.g. no network).
-    """
-    if not weights:
-        return ""
-    if "://" not in weights:
-        if not Path(weights).is_file():
-            raise FileNotFoundError(
-                f"MODEL.WEIGHTS {weights!r} does not exist. Give an existing .pth/.pkl file, a "
-                'detectron2:// model-zoo URL, or "" for random init.'
-            )
-        return weights
-    cache = get_weights_cache_path(weights)
-    try:
-        return PathManager.get_local_path(weights)
-    except Exception as exc:  # iopath raises whatever urllib raises
-        raise RuntimeError(
-            f"could not download the pretrained weights {weights} ({type(exc).__name__}: {exc}). "
-            f"Download the file on a machine with network access and put it at {cache} "
-            "(or run `python tools/prefetch_weights.py`), or set MODEL.WEIGHTS to a local file, "
-            'or to "" for random init.'
-        ) from exc
-
-
+# ---------------------------------------------------------------- checkpoints
 class AtomicCheckpointer(DetectionCheckpointer):
     """detectron2's checkpointer with atomic writes and the stage recorded in every file.
 
@@ -276,8 +143,9 @@ class RandomBrightnessContrast(T.Augmentation):
 
 
 def build_augmentations(cfg: CfgNode, input_size: int, is_train: bool) -> list[T.Augmentation]:
-    """Resize to ``input_size`` square, then (training) flips, rotation and lighting."""
-    augs: list[T.Augmentation] = [T.Resize((input_size, input_size))]
+    """Resize to ``input_size`` square (``module_inference.get_eval_augmentations``: what inference
+    does too), then (training) flips, rotation and lighting."""
+    augs: list[T.Augmentation] = get_eval_augmentations(input_size)
     if not is_train:
         return augs
     d = cfg.DETECTOR
@@ -294,11 +162,10 @@ def build_augmentations(cfg: CfgNode, input_size: int, is_train: bool) -> list[T
 
 
 def decode_annotation_masks(annotations: Sequence[dict], height: int, width: int) -> np.ndarray:
-    """(N, H, W) uint8 0/1 masks of the dataset-dict annotations (COCO RLE, row-major arrays)."""
-    masks = [mask_util.decode(a["segmentation"]) for a in annotations if not a.get("iscrowd", 0)]
-    if not masks:
-        return np.zeros((0, height, width), np.uint8)
-    return np.stack(masks).astype(np.uint8)
+    """(N, H, W) uint8 0/1 masks of the dataset-dict annotations (COCO RLE; row-major arrays). uint8, not
+    bool: detectron2's resize of a segmentation takes the PIL path for uint8 only."""
+    return coco_to_masks([a["segmentation"] for a in annotations if not a.get("iscrowd", 0)],
+                         (height, width)).view(np.uint8)
 
 
 def masks_to_instances(masks: np.ndarray | Sequence[np.ndarray], image_size: tuple[int, int]) -> Instances:
@@ -336,9 +203,17 @@ class ShipDatasetMapper:
 
     def __call__(self, dataset_dict: dict) -> dict:
         dataset_dict = copy.deepcopy(dataset_dict)
-        image = detection_utils.read_image(dataset_dict["file_name"], format=self.image_format)
-        detection_utils.check_image_size(dataset_dict, image)
-        aug_input = T.AugInput(image)
+        aug_seed = dataset_dict.pop("aug_seed", None)
+        if aug_seed is not None:  # the augmentations of this sample depend on its stream position only
+            np.random.seed(np.random.SeedSequence(aug_seed).generate_state(1)[0])
+        image = read_image(dataset_dict["file_name"])  # the one image policy: complete, RGB
+        expected = (dataset_dict["height"], dataset_dict["width"])
+        if image.shape[:2] != expected:
+            raise ValueError(f"{dataset_dict['file_name']}: image is {image.shape[1]}x{image.shape[0]}, its dataset "
+                             f"dict says {expected[1]}x{expected[0]}")
+        if self.image_format == "BGR":
+            image = image[:, :, ::-1]
+        aug_input = T.AugInput(np.ascontiguousarray(image))
         transforms = self.augmentations(aug_input)
         image = aug_input.image
         dataset_dict["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
@@ -378,155 +253,6 @@ def select_eval_dicts(dicts: Sequence[dict], max_images: int) -> list[dict]:
         return list(dicts)
     keep = np.linspace(0, len(dicts) - 1, max_images).round().astype(int)
     return [dicts[i] for i in sorted(set(keep.tolist()))]
-
-
-# ---------------------------------------------------------------- inference
-def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The detector inside a DistributedDataParallel wrapper (or the model itself)."""
-    return model.module if isinstance(model, DistributedDataParallel) else model
-
-
-@contextlib.contextmanager
-def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
-    """Put ``model`` in eval mode (no grad) for the block and restore its previous mode."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield model
-    finally:
-        model.train(was_training)
-
-
-def load_detector(cfg: CfgNode, weights: str | os.PathLike) -> torch.nn.Module:
-    """The Mask R-CNN of ``cfg`` with ``weights`` loaded, in eval mode on ``cfg.MODEL.DEVICE``.
-
-    ``model.input_size`` is the input size recorded in the checkpoint (the stage it was trained
-    at; the last stage's size for files that do not record one).
-    """
-    weights = str(weights)
-    if not weights or ("://" not in weights and not Path(weights).is_file()):
-        raise FileNotFoundError(f"detector weights {weights!r} do not exist")
-    model = build_model(get_model_cfg(cfg))
-    extra = AtomicCheckpointer(model).load(resolve_weights(weights))
-    model.input_size = int(extra.get("input_size", get_stages(cfg)[-1].size))
-    model.eval()
-    return model
-
-
-def _to_model_inputs(images: Sequence[np.ndarray], input_size: int, input_format: str) -> list[dict]:
-    inputs = []
-    for i, image in enumerate(images):
-        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-            raise ValueError(f"image {i}: expected an (H, W, 3) uint8 RGB array, got {image.shape} {image.dtype}")
-        height, width = image.shape[:2]
-        if input_format == "BGR":
-            image = image[:, :, ::-1]
-        resized = T.ResizeTransform(height, width, input_size, input_size).apply_image(np.ascontiguousarray(image))
-        tensor = torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1)))
-        inputs.append({"image": tensor, "height": height, "width": width})
-    return inputs
-
-
-def _instances_to_prediction(instances: Instances) -> dict:
-    instances = instances.to("cpu")
-    masks = instances.pred_masks.numpy().astype(bool) if instances.has("pred_masks") else None
-    if masks is None or len(instances) == 0:
-        masks = np.zeros((0, *instances.image_size), bool)
-    scores = instances.scores.numpy().astype(np.float32)
-    order = np.argsort(-scores, kind="stable")
-    return {"masks": masks[order], "scores": scores[order]}
-
-
-def _encode_masks(masks: np.ndarray) -> list[dict]:
-    if len(masks) == 0:
-        return []
-    return mask_util.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
-
-
-def merge_tta_predictions(views: Sequence[dict], iou_threshold: float = 0.5) -> dict:
-    """Merge per-view predictions (already un-flipped to the original frame) into one.
-
-    Detections of all views are pooled and taken in score order; each unassigned detection
-    gathers, from every other view, the unassigned detection with the highest mask IoU if that
-    IoU is >= ``iou_threshold``. A group's mask is the pixels covered by at least half of its
-    members (1: itself, 2: their union, 3: the majority); its score is the sum of the members'
-    scores divided by the number of views, so a ship seen in one view only is down-weighted.
-    Masks: (N, H, W) bool; the result may overlap (resolve overlaps afterwards).
-    """
-    n_views = len(views)
-    masks = [v["masks"] for v in views]
-    height, width = views[0]["masks"].shape[1:]
-    entries = [(float(s), vi, di) for vi, v in enumerate(views) for di, s in enumerate(v["scores"])]
-    if not entries:
-        return {"masks": np.zeros((0, height, width), bool), "scores": np.zeros(0, np.float32)}
-    entries.sort(key=lambda e: -e[0])
-    rles = [_encode_masks(m) for m in masks]
-    # IoU between every pair of views: iou[(a, b)] has shape (n_a, n_b)
-    iou = {}
-    for a in range(n_views):
-        for b in range(n_views):
-            if a != b and len(rles[a]) and len(rles[b]):
-                iou[(a, b)] = np.asarray(mask_util.iou(rles[a], rles[b], [0] * len(rles[b])))
-    used = [np.zeros(len(v["scores"]), bool) for v in views]
-    out_masks, out_scores = [], []
-    for score, vi, di in entries:
-        if used[vi][di]:
-            continue
-        used[vi][di] = True
-        members = [masks[vi][di]]
-        total = score
-        for vj in range(n_views):
-            if vj == vi or (vi, vj) not in iou:
-                continue
-            candidates = np.where(~used[vj], iou[(vi, vj)][di], -1.0)
-            best = int(np.argmax(candidates))
-            if candidates[best] >= iou_threshold:
-                used[vj][best] = True
-                members.append(masks[vj][best])
-                total += float(views[vj]["scores"][best])
-        out_masks.append(np.mean(members, axis=0) >= 0.5)
-        out_scores.append(total / n_views)
-    scores = np.asarray(out_scores, np.float32)
-    order = np.argsort(-scores, kind="stable")
-    return {"masks": np.stack(out_masks)[order], "scores": scores[order]}
-
-
-def predict_instances(
-    model: torch.nn.Module,
-    images: Sequence[np.ndarray],
-    input_size: int,
-    tta: bool = False,
-    batch_size: int = 8,
-) -> list[dict]:
-    """Masks and scores for each (H, W, 3) uint8 RGB image, at the image's own size.
-
-    Each image is resized to ``input_size`` square (as in training), the model runs in batches
-    of ``batch_size``, and masks are pasted back at (H, W). Returns one dict per image:
-    ``masks`` (N, H, W) bool (row-major, may overlap) and ``scores`` (N,) float32, sorted by
-    score, highest first. ``tta``: the original, horizontally and vertically flipped images are
-    predicted, un-flipped and merged by `merge_tta_predictions`. The model's train/eval mode
-    is restored afterwards.
-    """
-    net = unwrap_model(model)
-    views = TTA_VIEWS if tta else TTA_VIEWS[:1]
-    results: list[dict] = []
-    with eval_mode(net):
-        for start in range(0, len(images), batch_size):
-            batch = list(images[start:start + batch_size])
-            per_view = []
-            for _, axis in views:
-                flipped = batch if axis is None else [np.flip(image, axis) for image in batch]
-                outputs = net.inference(_to_model_inputs(flipped, input_size, net.input_format))
-                predictions = [_instances_to_prediction(o["instances"]) for o in outputs]
-                if axis is not None:  # masks are (N, H, W): image axis a is mask axis a + 1
-                    predictions = [{"masks": np.ascontiguousarray(np.flip(p["masks"], axis + 1)), "scores": p["scores"]} for p in predictions]
-                per_view.append(predictions)
-            if not tta:
-                results += per_view[0]
-            else:
-                results += [merge_tta_predictions([view[i] for view in per_view]) for i in range(len(batch))]
-    return results
 
 
 # ---------------------------------------------------------------- validation
@@ -596,12 +322,12 @@ def evaluate_detector(cfg: CfgNode, model: torch.nn.Module, dicts: Sequence[dict
     batch = cfg.DETECTOR.EVAL_BATCH_SIZE
     for start in tqdm(range(0, len(dicts), batch), desc=f"validation @ {input_size}px", leave=False):
         chunk = dicts[start:start + batch]
-        images = [detection_utils.read_image(d["file_name"], format="RGB") for d in chunk]
+        images = [read_image(d["file_name"]) for d in chunk]
         for d, prediction in zip(chunk, predict_instances(model, images, input_size, batch_size=batch)):
             masks, scores = resolve_overlaps(
                 prediction["masks"], prediction["scores"], score_threshold=cfg.SUBMIT.SCORE_THRESHOLD, min_area=cfg.SUBMIT.MIN_AREA
             )
-            true_masks = decode_annotation_masks(d["annotations"], d["height"], d["width"]).astype(bool)
+            true_masks = decode_annotation_masks(d["annotations"], d["height"], d["width"])
             f2s.append(f2_masks(true_masks, masks))
             has_ships.append(len(true_masks) > 0)
             raw.append(prediction)
@@ -620,21 +346,8 @@ def evaluate_detector(cfg: CfgNode, model: torch.nn.Module, dicts: Sequence[dict
     return metrics, resolved
 
 
-def draw_overlay(image: np.ndarray, true_masks: np.ndarray, pred_masks: np.ndarray) -> np.ndarray:
-    """(H, W, 3) uint8 RGB with true mask outlines in green and predicted ones in red."""
-    out = np.ascontiguousarray(image.copy())
-    for masks, colour in ((true_masks, (0, 255, 0)), (pred_masks, (255, 0, 0))):
-        for mask in masks:
-            contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-            cv2.drawContours(out, contours, -1, colour, 1)
-    return out
-
-
 def _json_safe(value):
     return None if isinstance(value, float) and not math.isfinite(value) else value
-
-
-BEST_METRICS = ("f2_ships", "f2")  # what DETECTOR.BEST_METRIC may name
 
 
 class ValidationHook(HookBase):
@@ -651,10 +364,11 @@ class ValidationHook(HookBase):
         self.stage = stage
         self.dicts = select_eval_dicts(val_dicts, cfg.DETECTOR.EVAL_MAX_IMAGES)
         self.period = cfg.DETECTOR.EVAL_PERIOD
-        detector_dir = get_run_dir(cfg) / "detector"
-        self.metrics_path = detector_dir / "val_metrics.jsonl"
-        self.best_path = detector_dir / "model_best.pth"
-        self.best_info_path = detector_dir / "model_best.json"
+        self.metrics_path = get_detector_path(cfg, "val_metrics")
+        self.best_path = get_detector_path(cfg, "best")
+        self.best_info_path = get_detector_path(cfg, "best_info")
+        self.last_metrics: dict | None = None
+        self.last_iteration: int | None = None  # the iteration last evaluated
 
     def after_step(self) -> None:
         next_iter = self.trainer.iter + 1
@@ -662,6 +376,7 @@ class ValidationHook(HookBase):
             self.evaluate()
 
     def evaluate(self) -> dict | None:
+        self.last_iteration = self.trainer.iter
         metrics = None
         if comm.is_main_process() and self.dicts:
             metrics = self._evaluate_main()
@@ -671,7 +386,10 @@ class ValidationHook(HookBase):
     def _evaluate_main(self) -> dict:
         iteration = self.trainer.iter
         model = unwrap_model(self.trainer.model)
+        started = time.perf_counter()
         metrics, predictions = evaluate_detector(self.cfg, model, self.dicts, self.stage.size)
+        metrics["seconds_per_image"] = (time.perf_counter() - started) / max(len(self.dicts), 1)
+        self.last_metrics = metrics
         storage = get_event_storage()
         storage.put_scalars(**{f"val/{k}": v for k, v in metrics.items() if isinstance(v, float) and math.isfinite(v)}, smoothing_hint=False)
         self._put_overlays(storage, predictions)
@@ -705,9 +423,9 @@ class ValidationHook(HookBase):
         order = sorted(range(len(self.dicts)), key=lambda i: not self.dicts[i]["annotations"])
         for k, i in enumerate(order[: self.cfg.DETECTOR.VIS_IMAGES]):
             d = self.dicts[i]
-            image = detection_utils.read_image(d["file_name"], format="RGB")
+            image = read_image(d["file_name"])
             true_masks = decode_annotation_masks(d["annotations"], d["height"], d["width"])
-            overlay = draw_overlay(image, true_masks, predictions[i]["masks"])
+            overlay = draw_outlines(image, true_masks, predictions[i]["masks"])
             storage.put_image(f"val/overlay_{k}_{Path(d['file_name']).stem}", overlay.transpose(2, 0, 1).astype(np.float32) / 255)
 
 
@@ -739,6 +457,17 @@ class InputSizeGuard(HookBase):
     def after_train(self) -> None:
         if self._handle is not None:
             self._handle.remove()
+
+
+class _MetricPrinter(CommonMetricPrinter):
+    """detectron2's printer, whose ETA divides by zero when a stage stops early (a signal, the time
+    budget) on an iteration it has just written: the writers write once more after training."""
+
+    def _get_eta(self, storage):
+        try:
+            return super()._get_eta(storage)
+        except ZeroDivisionError:
+            return None
 
 
 class _StagePrefix(logging.LoggerAdapter):
@@ -789,14 +518,355 @@ def parameter_digest(model: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
+# ---------------------------------------------------------------- resumable data stream
+def _stream_seed(*parts: int) -> int:
+    """A 32-bit seed that depends on ``parts`` only (numpy's SeedSequence hashing)."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+
+
+class ResumableSampler(torch.utils.data.Sampler):
+    """An infinite stream of dataset indices: one seeded permutation of ``range(size)`` per epoch, each
+    index coded with its **position** in the stream (``position * size + index``, see
+    :class:`PositionedDataset`). Rank ``r`` of ``w`` takes positions ``start + r, start + r + w, ...``.
+
+    The stream from ``start`` on is the same whether training started at 0 or resumes at
+    ``start`` (= iterations done x ``SOLVER.IMS_PER_BATCH``), so a resumed stage sees the very
+    images, in the very order and with the very augmentations, that an uninterrupted one would.
+    """
+
+    def __init__(self, size: int, seed: int, start: int = 0):
+        if size < 1:
+            raise ValueError("ResumableSampler needs a non-empty dataset")
+        self.size, self.seed, self.start = int(size), int(seed), int(start)
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng(_stream_seed(self.seed, epoch)).permutation(self.size)
+
+    def __iter__(self):
+        rank, world = comm.get_rank(), comm.get_world_size()
+        position, epoch, order = self.start + rank, -1, None
+        while True:
+            current, offset = divmod(position, self.size)
+            if current != epoch:
+                epoch, order = current, self.permutation(current)
+            yield position * self.size + int(order[offset])
+            position += world
+
+
+class PositionedDataset(torch.utils.data.Dataset):
+    """Dataset dicts addressed by :class:`ResumableSampler`'s codes: item ``code`` is a shallow copy
+    of ``dicts[code % len]`` with ``aug_seed`` = (seed, stage, stream position), which
+    :class:`ShipDatasetMapper` uses to seed that sample's augmentations."""
+
+    def __init__(self, dicts: Sequence[dict], seed: int, stage: int):
+        self.dicts, self.seed, self.stage = list(dicts), int(seed), int(stage)
+        self._worker_quiet = False
+
+    def __len__(self) -> int:
+        return len(self.dicts)
+
+    def __getitem__(self, code: int) -> dict:
+        if not self._worker_quiet and torch.utils.data.get_worker_info() is not None:
+            # Ctrl-C reaches the whole process group: data-loader workers leave it to the trainer
+            # (StopGuard saves a checkpoint) instead of dying under it.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            self._worker_quiet = True
+        position, index = divmod(int(code), len(self.dicts))
+        return {**self.dicts[index], "aug_seed": [self.seed, self.stage, position]}
+
+
+# ---------------------------------------------------------------- hooks: determinism, stopping, checkpoints, progress
+class StepSeed(HookBase):
+    """Seeds torch before every iteration from (seed, stage, rank, iteration), so the model's own
+    sampling (RPN and RoI sampling) in an iteration does not depend on what ran before: with the
+    data stream of :class:`ResumableSampler`, a resumed stage repeats an uninterrupted one."""
+
+    def __init__(self, seed: int, stage: int):
+        self.seed, self.stage = int(seed), int(stage)
+
+    def before_step(self) -> None:
+        torch.manual_seed(_stream_seed(self.seed, self.stage, comm.get_rank(), self.trainer.iter))
+
+
+class TrainingStopped(KeyboardInterrupt):
+    """Training stopped on SIGTERM or SIGINT after saving a checkpoint; the message names it."""
+
+    def __init__(self, message: str, signum: int, checkpoint: Path | None):
+        super().__init__(message)
+        self.signum, self.checkpoint = signum, checkpoint
+
+
+class _StageTimeUp(BaseException):
+    """A stage ran past its share of ``DETECTOR.TIME_BUDGET_MIN`` (caught by ``train_stage``; not an
+    ``Exception``, so detectron2's trainer does not log it as a crash)."""
+
+
+class StopGuard(HookBase):
+    """Ends a stage cleanly on SIGTERM / SIGINT, or when it overruns its deadline (time budget).
+
+    Signals only set a flag; after the current iteration every rank agrees (one all-reduce under
+    torchrun, so all stop at the same iteration), rank 0 saves ``model_<iter>.pth`` and the
+    trainer raises :class:`TrainingStopped` naming it. A deadline raises ``_StageTimeUp`` the same
+    way; ``train_stage`` then saves the stage's final weights and goes on. Installs the handlers
+    only in the main thread, and puts the previous ones back after training.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, checkpointer: "AtomicCheckpointer", stage: Stage, deadline: float | None = None):
+        self.checkpointer, self.stage, self.deadline = checkpointer, stage, deadline
+        self.received: int | None = None
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now
+        self.received = signum
+        logger.warning(f"[{self.stage.name}] {signal.Signals(signum).name} received: stopping after this iteration "
+                       "with a checkpoint")
+
+    def before_train(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+
+    def after_train(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+    def after_step(self) -> None:
+        code = self.received or 0
+        last = self.trainer.iter + 1 >= self.trainer.max_iter  # the stage ends here anyway
+        if self.deadline is not None and not last and time.time() > self.deadline:
+            code = code or -1
+        if comm.get_world_size() > 1:
+            flag = torch.tensor([code], dtype=torch.int64)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            code = int(flag.item())
+        if code == 0:
+            return
+        iteration = self.trainer.iter
+        if code == -1:
+            validation = getattr(self.trainer, "validation", None)
+            if validation is not None and validation.last_iteration != iteration:
+                validation.evaluate()  # the stage's end: its last weights are validated, as at a planned end
+            raise _StageTimeUp(f"[{self.stage.name}] stage deadline passed at iteration {iteration + 1}")
+        path = None
+        if comm.is_main_process():
+            self.checkpointer.save(f"model_{iteration:07d}", iteration=iteration)
+            path = Path(self.checkpointer.save_dir) / f"model_{iteration:07d}.pth"
+        comm.synchronize()
+        raise TrainingStopped(
+            f"[{self.stage.name}] stopped by {signal.Signals(code).name} after iteration {iteration + 1} of "
+            f"{self.stage.iterations}; checkpoint {path or 'saved by rank 0'}. Resume with the same command "
+            "(it continues by default), e.g. `python module_train.py --config <config>`, or Run All in the notebook",
+            code, path)
+
+
+class RetainingPeriodicCheckpointer(hooks.PeriodicCheckpointer):
+    """detectron2's periodic checkpointer that also counts the stage's checkpoints saved before a
+    resume against ``max_to_keep`` (detectron2 only counts those of the current process)."""
+
+    def before_train(self) -> None:
+        super().before_train()
+        if self.max_to_keep is not None and comm.is_main_process():
+            folder = Path(self.checkpointer.save_dir)
+            earlier = sorted(folder.glob("model_[0-9]*.pth"))
+            self.recent_checkpoints = [str(p) for p in earlier]
+            while len(self.recent_checkpoints) > self.max_to_keep:
+                Path(self.recent_checkpoints.pop(0)).unlink(missing_ok=True)
+
+
+class ProgressHook(HookBase):
+    """Writes the stage's iteration, loss and latest validation F2 to ``runs/<run>/progress.json``."""
+
+    def __init__(self, cfg: CfgNode, stage: Stage, n_stages: int, validation: "ValidationHook"):
+        self.reporter = None
+        self.validation = validation
+        if comm.is_main_process():
+            self.reporter = ProgressReporter(module_config.get_progress_path(cfg),
+                                             f"detector stage {stage.index}/{n_stages} @ {stage.size} px",
+                                             stage.iterations, "iter")
+
+    def before_train(self) -> None:
+        if self.reporter is not None:
+            self.reporter.update(done=self.trainer.start_iter, force=True)
+
+    def after_step(self) -> None:
+        if self.reporter is None:
+            return
+        storage = get_event_storage()
+        loss = storage.history("total_loss").latest() if "total_loss" in storage.histories() else None
+        metrics = self.validation.last_metrics or {}
+        fresh = metrics.get("_reported") is None and metrics
+        if fresh:
+            metrics["_reported"] = True
+        self.reporter.update(done=self.trainer.iter + 1, loss=loss, val_f2=metrics.get("f2"),
+                             infer_s_per_image=metrics.get("seconds_per_image"), force=bool(fresh))
+
+
+# ---------------------------------------------------------------- time budget
+@dataclasses.dataclass
+class TrainingPlan:
+    """Stage lengths that fit ``budget_s`` (``DETECTOR.TIME_BUDGET_MIN``), from measured speeds."""
+
+    budget_s: float
+    scale: float  # planned iterations / configured iterations
+    stages: list  # [[size, iterations, base LR, warmup], ...] as DETECTOR.STAGES
+    eval_period: int
+    s_per_iter: list  # measured per stage
+    s_per_eval_image: list  # measured per stage (validation inference)
+    expected_s: list  # expected seconds of each stage, validation included
+    notes: list = dataclasses.field(default_factory=list)
+
+
+def plan_stages(stages: Sequence[Stage], s_per_iter: Sequence[float], s_per_eval_image: Sequence[float],
+                n_eval_images: int, eval_period: int, budget_s: float, margin: float = 0.05,
+                min_iterations: int = 10) -> TrainingPlan:
+    """Scale every stage's iterations by one factor so that training, validation included, ends
+    inside ``budget_s`` (less a ``margin`` share for what is not measured).
+
+    Stage ``k`` costs ``iterations_k * s_per_iter[k]`` plus its validations: one every
+    ``eval_period`` iterations and one at its end, each ``n_eval_images * s_per_eval_image[k]``.
+    The validation period scales with the iterations, so each stage keeps its number of
+    validations; warmup scales too (LR decay points are fractions of a stage: they follow).
+    Stages keep their proportions. A stage is never planned below ``min_iterations`` (the plan
+    then notes that the budget is too small for it).
+    """
+    n_evals = [(s.iterations // eval_period if eval_period > 0 else 0) + 1 for s in stages]
+    eval_s = sum(e * n_eval_images * v for e, v in zip(n_evals, s_per_eval_image))
+    train_s = sum(s.iterations * t for s, t in zip(stages, s_per_iter))
+    available = budget_s * (1 - margin) - eval_s
+    scale = max(available, 0.0) / train_s if train_s > 0 else 1.0
+    planned, expected, notes = [], [], []
+    for stage, t, v, e in zip(stages, s_per_iter, s_per_eval_image, n_evals):
+        iterations = int(round(stage.iterations * scale))
+        if iterations < min_iterations:
+            notes.append(f"stage {stage.index}: {iterations} iterations fit the budget; {min_iterations} planned "
+                         "(the budget is too small for this configuration)")
+            iterations = min_iterations
+        warmup = 0 if stage.warmup == 0 else min(max(1, int(round(stage.warmup * scale))), iterations - 1)
+        planned.append([stage.size, iterations, stage.base_lr, warmup])
+        expected.append(iterations * t + e * n_eval_images * v)
+    effective = sum(p[1] for p in planned) / max(sum(s.iterations for s in stages), 1)  # after the minimum
+    period = max(1, int(round(eval_period * effective))) if eval_period > 0 else 0
+    return TrainingPlan(float(budget_s), float(scale), planned, period, [float(t) for t in s_per_iter],
+                        [float(v) for v in s_per_eval_image], [float(x) for x in expected], notes)
+
+
+def measure_stage_speed(cfg: CfgNode, stage: Stage, train_dicts: Sequence[dict], eval_dicts: Sequence[dict],
+                        warmup: int = 1, steps: int = 3) -> tuple[float, float]:
+    """(seconds per training iteration, seconds per validation image) of ``stage``, measured on a
+    throwaway model after ``warmup`` iterations: data loading, forward, backward, optimizer step;
+    then one batch of validation inference after one warm-up batch."""
+    model_cfg = get_model_cfg(cfg, stage)
+    model = build_model(model_cfg)
+    optimizer = build_optimizer(model_cfg, model)
+    loader = build_detection_train_loader(
+        PositionedDataset(train_dicts, 0, stage.index), mapper=ShipDatasetMapper(cfg, stage.size, is_train=True),
+        sampler=ResumableSampler(len(train_dicts), 0), total_batch_size=cfg.SOLVER.IMS_PER_BATCH,
+        aspect_ratio_grouping=False, num_workers=cfg.DATALOADER.NUM_WORKERS)
+    batches = iter(loader)
+    model.train()
+    with EventStorage(0):  # the model logs training statistics into one
+        for k in range(warmup + steps):
+            if k == warmup:
+                started = time.perf_counter()
+            losses = sum(model(next(batches)).values())
+            optimizer.zero_grad()
+            losses.backward()
+            optimizer.step()
+    s_per_iter = (time.perf_counter() - started) / steps
+    batch = max(1, min(cfg.DETECTOR.EVAL_BATCH_SIZE, len(eval_dicts)))
+    images = [read_image(d["file_name"]) for d in list(eval_dicts)[:batch]] or [
+        np.zeros((stage.size, stage.size, 3), np.uint8)]
+    predict_instances(model, images, stage.size, batch_size=batch)
+    started = time.perf_counter()
+    predict_instances(model, images, stage.size, batch_size=batch)
+    s_per_image = (time.perf_counter() - started) / len(images)
+    return s_per_iter, s_per_image
+
+
+def _plan_inputs(cfg: CfgNode, n_train: int, n_eval: int) -> dict:
+    """What a plan depends on: replayed (not re-planned) while these are the same."""
+    return {"budget_min": float(cfg.DETECTOR.TIME_BUDGET_MIN), "stages": [list(s) for s in cfg.DETECTOR.STAGES],
+            "eval_period": int(cfg.DETECTOR.EVAL_PERIOD), "model": cfg.MODEL.dump(), "batch": int(cfg.SOLVER.IMS_PER_BATCH),
+            "workers": int(cfg.DATALOADER.NUM_WORKERS), "device": cfg.MODEL.DEVICE, "n_train": n_train, "n_eval": n_eval}
+
+
+def get_planned_cfg(cfg: CfgNode, train_dicts: Sequence[dict], eval_dicts: Sequence[dict]) -> tuple[CfgNode, dict | None]:
+    """The config to train with: ``cfg`` itself without a time budget; with one, ``cfg`` with the
+    stages and validation period of the plan (:func:`plan_stages` on speeds measured by
+    :func:`measure_stage_speed`), which is saved in ``runs/<run>/detector/plan.json`` and replayed,
+    not re-planned, while its inputs are unchanged (a resumed run keeps its schedule).
+    Returns ``(config, plan record or None)``.
+    """
+    if cfg.DETECTOR.TIME_BUDGET_MIN <= 0:
+        return cfg, None
+    plan_path = get_detector_path(cfg, "plan")
+    inputs = _plan_inputs(cfg, len(train_dicts), len(eval_dicts))
+    record = json.loads(plan_path.read_text()) if plan_path.is_file() else None
+    if record is not None and record.get("inputs") == inputs:
+        logger.info(f"time budget: replaying the plan of {record['planned_at']} ({plan_path}): stages "
+                    f"{record['plan']['stages']}, validation every {record['plan']['eval_period']} iterations")
+    else:
+        started = time.time()
+        stages = get_stages(cfg)
+        speeds = []
+        reporter = ProgressReporter(module_config.get_progress_path(cfg) if comm.is_main_process() else None,
+                                    "detector: measuring speed for the time budget", len(stages), "stage")
+        for stage in stages:
+            reporter.update(done=stage.index - 1, force=True)
+            with _quiet_loggers("detectron2", "fvcore"):
+                speeds.append(measure_stage_speed(cfg, stage, train_dicts, eval_dicts))
+            logger.info(f"time budget: {stage.name} measured at {speeds[-1][0]:.3f} s/iter, "
+                        f"{speeds[-1][1]:.3f} s per validation image")
+        probe_s = time.time() - started
+        budget_s = cfg.DETECTOR.TIME_BUDGET_MIN * 60 - probe_s
+        plan = plan_stages(stages, [s for s, _ in speeds], [v for _, v in speeds], len(eval_dicts),
+                           cfg.DETECTOR.EVAL_PERIOD, budget_s)
+        record = {"inputs": inputs, "plan": dataclasses.asdict(plan), "probe_s": probe_s,
+                  "planned_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+                  "expected_end": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(time.time() + sum(plan.expected_s)))}
+        for note in plan.notes:
+            logger.warning(f"time budget: {note}")
+        logger.info(f"time budget {cfg.DETECTOR.TIME_BUDGET_MIN:g} min (probe {probe_s:.0f} s): iterations x{plan.scale:.3f} "
+                    f"-> stages {plan.stages}, validation every {plan.eval_period} iterations, expected "
+                    f"{[round(x) for x in plan.expected_s]} s per stage, end ~{record['expected_end']}")
+        if comm.is_main_process():
+            with atomic_path(plan_path) as tmp:
+                tmp.write_text(json.dumps(record, indent=1))
+    planned = cfg.clone()
+    planned.defrost()
+    planned.DETECTOR.STAGES = [list(s) for s in record["plan"]["stages"]]
+    planned.DETECTOR.EVAL_PERIOD = int(record["plan"]["eval_period"])
+    planned.freeze()
+    return planned, record
+
+
+@contextlib.contextmanager
+def _quiet_loggers(*names: str) -> Iterator[None]:
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [q.level for q in loggers]
+    for q in loggers:
+        q.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for q, level in zip(loggers, levels):
+            q.setLevel(level)
+
+
 # ---------------------------------------------------------------- training
-def build_stage_trainer(
-    cfg: CfgNode, stage: Stage, train_dicts: Sequence[dict], val_dicts: Sequence[dict], init_weights: str, resume: bool
-) -> SimpleTrainer:
+def build_stage_trainer(cfg: CfgNode, stage: Stage, train_dicts: Sequence[dict], val_dicts: Sequence[dict],
+                        init_weights: str, resume: bool, deadline: float | None = None) -> SimpleTrainer:
     """A detectron2 ``SimpleTrainer`` for ``stage`` with its hooks, loaded and ready to ``train``.
 
     ``init_weights`` ("" = random init) seeds the model unless ``resume`` finds a checkpoint
-    in the stage folder, which then restores model, optimizer, LR schedule and iteration.
+    in the stage folder, which then restores model, optimizer, LR schedule and iteration; the data
+    stream (:class:`ResumableSampler`) and the per-iteration seeds (:class:`StepSeed`) continue
+    where they were. ``deadline`` (epoch seconds): the stage ends there (time budget).
     ``trainer.start_iter`` / ``trainer.stage_max_iter`` say where it goes.
     """
     model_cfg = get_model_cfg(cfg, stage)
@@ -811,15 +881,12 @@ def build_stage_trainer(
     )
     loaded = checkpointer.resume_or_load(init_weights, resume=resume)
     start_iter = loaded.get("iteration", -1) + 1 if resume and checkpointer.has_checkpoint() else 0
-    if resume and start_iter:
-        logger.info(f"[{stage.name}] resuming from {checkpointer.get_checkpoint_file()} at iteration {start_iter}")
 
-    seed = cfg.DETECTOR.SEED
-    sampler = TrainingSampler(len(train_dicts), shuffle=True, seed=None if seed < 0 else seed + start_iter)
+    seed = cfg.DETECTOR.SEED if cfg.DETECTOR.SEED >= 0 else int(np.random.SeedSequence().generate_state(1)[0])
     loader = build_detection_train_loader(
-        list(train_dicts),
+        PositionedDataset(train_dicts, seed, stage.index),
         mapper=ShipDatasetMapper(cfg, stage.size, is_train=True),
-        sampler=sampler,
+        sampler=ResumableSampler(len(train_dicts), _stream_seed(seed, stage.index), start_iter * cfg.SOLVER.IMS_PER_BATCH),
         total_batch_size=cfg.SOLVER.IMS_PER_BATCH,
         aspect_ratio_grouping=False,
         num_workers=cfg.DATALOADER.NUM_WORKERS,
@@ -830,70 +897,143 @@ def build_stage_trainer(
     trainer.stage_max_iter = stage.iterations
     trainer.checkpointer = checkpointer
     trainer.input_size_guard = InputSizeGuard(stage)
+    trainer.validation = ValidationHook(cfg, stage, val_dicts)
 
     writers = []
+    n_stages = len(get_stages(cfg))
     if comm.is_main_process():
         stage_dir.mkdir(parents=True, exist_ok=True)
-        printer = CommonMetricPrinter(stage.iterations)
-        printer.logger = _StagePrefix(printer.logger, {"tag": f"stage {stage.index}/{len(get_stages(cfg))} @ {stage.size}px"})
-        writers = [printer, JSONWriter(str(stage_dir / "metrics.json")), TensorboardXWriter(str(stage_dir))]
+        printer = _MetricPrinter(stage.iterations)
+        printer.logger = _StagePrefix(printer.logger, {"tag": f"stage {stage.index}/{n_stages} @ {stage.size}px"})
+        writers = [printer, JSONWriter(str(get_stage_path(cfg, stage, "metrics"))), TensorboardXWriter(str(stage_dir))]
     trainer.register_hooks(
         [
             hooks.IterationTimer(),
+            StepSeed(seed, stage.index),
             hooks.LRScheduler(optimizer=optimizer, scheduler=scheduler),
             trainer.input_size_guard,
-            hooks.PeriodicCheckpointer(checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD, max_iter=stage.iterations, max_to_keep=cfg.DETECTOR.MAX_CHECKPOINTS_KEPT or None),
-            ValidationHook(cfg, stage, val_dicts),
+            RetainingPeriodicCheckpointer(checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD, max_iter=stage.iterations,
+                                          max_to_keep=cfg.DETECTOR.MAX_CHECKPOINTS_KEPT or None),
+            trainer.validation,
+            ProgressHook(cfg, stage, n_stages, trainer.validation),
             hooks.PeriodicWriter(writers, period=cfg.DETECTOR.LOG_PERIOD),
+            StopGuard(checkpointer, stage, deadline),  # last: a stop comes after this iteration's writes
         ]
     )
     return trainer
 
 
-def _set_aside(path: Path) -> None:
-    """Rename an earlier output out of the way (nothing is deleted)."""
-    if path.exists():
-        target = path.with_name(f"{path.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
-        path.rename(target)
-        logger.warning(f"moved the earlier {path} to {target}")
+# Keys that change nothing a stage learns: a checkpoint stays valid across changes of these.
+_STAGE_NEUTRAL_KEYS = {"DETECTOR": ("EVAL_PERIOD", "VIS_IMAGES", "EVAL_MAX_IMAGES", "EVAL_BATCH_SIZE", "LOG_PERIOD",
+                                    "MAX_CHECKPOINTS_KEPT", "BEST_METRIC", "TIME_BUDGET_MIN", "STAGES")}
 
 
-def train_stage(cfg: CfgNode, stage: Stage, train_dicts: Sequence[dict], val_dicts: Sequence[dict], resume: bool = False) -> Path:
-    """Train one stage (see the module docstring); returns its ``model_final.pth``."""
+def get_stage_fingerprint(cfg: CfgNode, stage: Stage, train_dicts: Sequence[dict]) -> dict:
+    """What a stage's checkpoints were trained with: the stage itself, the model, the solver, the
+    augmentations, the init weights and the training images. A checkpoint whose fingerprint
+    differs is not resumed (its folder is moved aside and the stage trains from its start)."""
+    detector = {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.DETECTOR.items()
+                if k not in _STAGE_NEUTRAL_KEYS["DETECTOR"]}
+    solver = {k: v for k, v in cfg.SOLVER.items() if k not in ("CHECKPOINT_PERIOD", "MAX_ITER", "BASE_LR", "STEPS",
+                                                               "WARMUP_ITERS")}
+    model = cfg.MODEL.clone()
+    model.defrost()
+    model.DEVICE = ""  # a CPU checkpoint resumes on a GPU and back
+    ids = hashlib.sha256("\n".join(d["image_id"] for d in train_dicts).encode()).hexdigest()
+    return {"stage": [stage.size, stage.iterations, stage.base_lr, stage.warmup],
+            "model": model.dump(), "solver": json.loads(json.dumps(solver, default=str)), "detector": detector,
+            "input_format": cfg.INPUT.FORMAT, "train_images": len(train_dicts), "train_ids_sha256": ids}
+
+
+def _fingerprint_changes(old: dict, new: dict) -> list[str]:
+    changes = []
+    for key in new:
+        if old.get(key) != new[key]:
+            if isinstance(new[key], dict) and isinstance(old.get(key), dict):
+                changes += [f"{key}.{k}: {old[key].get(k)!r} -> {v!r}" for k, v in new[key].items() if old[key].get(k) != v]
+            elif key == "model":
+                changes.append("MODEL settings")
+            else:
+                changes.append(f"{key}: {old.get(key)!r} -> {new[key]!r}")
+    return changes
+
+
+def _set_aside_from(cfg: CfgNode, stage: Stage, why: str) -> None:
+    """Move ``stage``'s folder, those of the later stages (trained from it) and the best weights aside."""
+    if not comm.is_main_process():
+        return
+    logger.warning(f"[{stage.name}] {why}: the stage and the later ones start over; earlier outputs are moved aside")
+    for later in get_stages(cfg)[stage.index - 1:]:
+        set_aside(get_stage_dir(cfg, later), logger)
+    for what in ("best", "best_info"):
+        set_aside(get_detector_path(cfg, what), logger)
+
+
+def train_stage(cfg: CfgNode, stage: Stage, train_dicts: Sequence[dict], val_dicts: Sequence[dict],
+                fresh: bool = False, deadline: float | None = None) -> tuple[Path, str]:
+    """Train one stage (see the module docstring); returns ``(its model_final.pth, outcome)``.
+
+    Outcome: ``"reused"`` (finished before, same fingerprint), ``"resumed at N"`` (continued from
+    its last checkpoint) or ``"trained"``. ``fresh``, or a fingerprint that changed
+    (:func:`get_stage_fingerprint`), moves the stage's earlier outputs aside first (never deletes).
+    """
     stages = get_stages(cfg)
     stage_dir = get_stage_dir(cfg, stage)
+    final_path = get_stage_path(cfg, stage, "final")
+    fingerprint_path = get_stage_path(cfg, stage, "fingerprint")
     if stage.index == 1:
         init_weights = resolve_weights(cfg.MODEL.WEIGHTS)
     else:
-        previous = get_stage_dir(cfg, stages[stage.index - 2]) / "model_final.pth"
+        previous = get_stage_path(cfg, stages[stage.index - 2], "final")
         if not previous.is_file():
             raise FileNotFoundError(
                 f"{stage.name} starts from the previous stage's final weights {previous}, which do not exist: "
                 f"train stage {stage.index - 1} first (--stage {stage.index - 1})"
             )
         init_weights = str(previous)
-    if comm.is_main_process():
-        if not resume and (stage_dir / "last_checkpoint").exists():
-            logger.warning(f"{stage_dir} holds an earlier run of {stage.name}; starting it over (use --resume to continue it)")
-            _set_aside(stage_dir)
-            if stage.index == 1:
-                for name in ("model_best.pth", "model_best.json"):
-                    _set_aside(stage_dir.parent / name)
-        stage_dir.mkdir(parents=True, exist_ok=True)
+    fingerprint = get_stage_fingerprint(cfg, stage, train_dicts)
+    fingerprint["init"] = init_weights if stage.index == 1 else f"{init_weights}@{Path(init_weights).stat().st_mtime_ns}"
+    started_before = get_stage_path(cfg, stage, "last_checkpoint").exists()
+    if fresh and started_before:
+        _set_aside_from(cfg, stage, "FRESH / --fresh")
+    elif started_before and fingerprint_path.is_file():
+        old = json.loads(fingerprint_path.read_text())
+        if old != fingerprint:
+            _set_aside_from(cfg, stage, "its settings changed since its checkpoints were saved ("
+                            + "; ".join(_fingerprint_changes(old, fingerprint)[:6]) + ")")
     comm.synchronize()
-    logger.info(
-        f"=== {stage.name}: stage {stage.index}/{len(stages)}, input {stage.size}x{stage.size} px, {stage.iterations} iterations, "
-        f"base LR {stage.base_lr:g}, warmup {stage.warmup}, LR x{cfg.SOLVER.GAMMA:g} at {get_model_cfg(cfg, stage).SOLVER.STEPS}, "
-        f"from {init_weights or 'random init'} -> {stage_dir}"
-    )
-    trainer = build_stage_trainer(cfg, stage, train_dicts, val_dicts, init_weights, resume)
-    if trainer.start_iter >= stage.iterations:
-        logger.info(f"[{stage.name}] already complete ({stage.iterations} iterations)")
+    if final_path.is_file():
+        logger.info(f"[{stage.name}] reused: finished before ({final_path}, same settings)")
+        return final_path, "reused"
+    if comm.is_main_process():
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        with atomic_path(fingerprint_path) as tmp:
+            tmp.write_text(json.dumps(fingerprint, indent=1))
+    comm.synchronize()
+    trainer = build_stage_trainer(cfg, stage, train_dicts, val_dicts, init_weights, resume=True, deadline=deadline)
+    steps = get_model_cfg(cfg, stage).SOLVER.STEPS
+    if trainer.start_iter:
+        outcome = f"resumed at {trainer.start_iter}"
+        logger.info(f"=== {stage.name}: stage {stage.index}/{len(stages)}, input {stage.size}x{stage.size} px: resuming from "
+                    f"{trainer.checkpointer.get_checkpoint_file()} at iteration {trainer.start_iter} of {stage.iterations} "
+                    f"(base LR {stage.base_lr:g}, warmup {stage.warmup}, LR x{cfg.SOLVER.GAMMA:g} at {steps}) -> {stage_dir}")
     else:
-        before = parameter_digest(trainer.model)
+        outcome = "trained"
+        logger.info(f"=== {stage.name}: stage {stage.index}/{len(stages)}, input {stage.size}x{stage.size} px, "
+                    f"{stage.iterations} iterations, base LR {stage.base_lr:g}, warmup {stage.warmup}, LR "
+                    f"x{cfg.SOLVER.GAMMA:g} at {steps}, from {init_weights or 'random init'} -> {stage_dir}")
+    before = parameter_digest(trainer.model)
+    try:
         trainer.train(trainer.start_iter, stage.iterations)
-        _check_replicas_in_sync(stage, before, trainer.model)
-    return stage_dir / "model_final.pth"
+    except _StageTimeUp as exc:
+        logger.warning(f"{exc}: its share of DETECTOR.TIME_BUDGET_MIN is spent; saving its final weights")
+        if comm.is_main_process():
+            trainer.checkpointer.save("model_final", iteration=trainer.iter, truncated=True)
+        comm.synchronize()
+        outcome += f", ended at iteration {trainer.iter + 1} by the time budget"
+    _check_replicas_in_sync(stage, before, trainer.model)
+    logger.info(f"[{stage.name}] {outcome}")
+    return final_path, outcome
 
 
 def _check_replicas_in_sync(stage: Stage, before: str, model: torch.nn.Module) -> None:
@@ -919,7 +1059,7 @@ def _log_to_file(path: Path) -> Iterator[None]:
     if comm.is_main_process():
         path.parent.mkdir(parents=True, exist_ok=True)
         handler = logging.FileHandler(path)
-        handler.setFormatter(logging.Formatter("[%(asctime)s %(name)s %(levelname)s] %(message)s"))
+        handler.setFormatter(logging.Formatter(module_config.LOG_FORMAT))
         handler.setLevel(logging.INFO)
         root.addHandler(handler)
         if root.getEffectiveLevel() > logging.INFO:
@@ -933,23 +1073,41 @@ def _log_to_file(path: Path) -> Iterator[None]:
             handler.close()
 
 
-def train_detector(cfg: CfgNode, stage: int | None = None, resume: bool = False) -> Path:
-    """Train the stages (all, or only ``stage``) and return the last trained stage's final weights.
+def _stage_deadlines(record: dict | None, stages: Sequence[Stage]) -> dict[int, float]:
+    """Per stage, how long it may run from its start under the time budget (its planned share of
+    the budget, plus 10%); empty without a budget."""
+    if record is None:
+        return {}
+    plan = record["plan"]
+    share = [x / max(sum(plan["expected_s"]), 1e-9) * plan["budget_s"] for x in plan["expected_s"]]
+    return {s.index: 1.1 * share[s.index - 1] + 5.0 for s in stages}
 
-    With ``resume``, stages already complete (``model_final.pth`` present) are skipped and the
-    current stage continues from its last checkpoint with the same schedule. The best weights
-    by ``DETECTOR.BEST_METRIC`` over all stages are ``runs/<run>/detector/model_best.pth``. Works under ``torchrun``
-    (call `init_distributed` first; `main` does).
+
+def train_detector(cfg: CfgNode, train_dicts: Sequence[dict], val_dicts: Sequence[dict], stage: int | None = None,
+                   fresh: bool = False) -> dict[str, Path]:
+    """Train the stages (all, or only ``stage``) on the dataset dicts; return the paths written.
+
+    ``train_dicts``: the training split (ship-free images are sampled as hard negatives,
+    ``DETECTOR.EMPTY_FRACTION``); ``val_dicts``: the validation split (F2 and COCO AP every
+    ``DETECTOR.EVAL_PERIOD`` iterations).
+
+    **Continues by default**: a finished stage is reused, an unfinished one resumes from its last
+    checkpoint with its schedule (``train_stage``); ``fresh`` starts the stages over, moving the
+    earlier outputs aside (never deleting them). A stage whose settings changed since its
+    checkpoints is started over, with a warning naming the change. SIGTERM or SIGINT saves a
+    checkpoint and raises :class:`TrainingStopped` naming it. With ``DETECTOR.TIME_BUDGET_MIN``
+    the iterations are planned to fit (:func:`get_planned_cfg`; the plan is replayed on resume)
+    and each stage ends at its share of the budget. Works under ``torchrun`` (call
+    :func:`init_distributed` first; :func:`main` does).
+
+    Returns ``{"final": last trained stage's model_final.pth, "best": model_best.pth (the best by
+    DETECTOR.BEST_METRIC over all stages), "config": the saved (planned) config, "log": log.txt,
+    "plan": plan.json or None}``.
     """
-    stages = get_stages(cfg)
-    if cfg.DETECTOR.BEST_METRIC not in BEST_METRICS:
-        raise ValueError(f"DETECTOR.BEST_METRIC {cfg.DETECTOR.BEST_METRIC!r}: expected one of {BEST_METRICS}")
-    selected = stages if stage is None else [get_stage(cfg, stage)]
-    resolve_weights(cfg.MODEL.WEIGHTS)  # fail before reading any data
-    detector_dir = get_run_dir(cfg) / "detector"
-    with _log_to_file(detector_dir / "log.txt"):
-        if comm.is_main_process():
-            save_cfg(cfg, get_detector_dir(cfg))
+    selected_index = stage
+    resolve_weights(cfg.MODEL.WEIGHTS)  # fail before any work
+    log_path = get_detector_path(cfg, "log")
+    with _log_to_file(log_path):
         if comm.get_world_size() > 1:
             logger.info(f"distributed: rank {comm.get_rank()} of {comm.get_world_size()} ({dist.get_backend()}); only rank 0 writes")
         if uses_random_init(cfg):
@@ -958,26 +1116,27 @@ def train_detector(cfg: CfgNode, stage: int | None = None, resume: bool = False)
                 "BACKBONE.FREEZE_AT 0 (every layer trains)"
             )
         seed_everything(cfg)
-        train_dicts, val_dicts = get_train_val_dicts(cfg)
-        register_airbus_datasets(cfg)
         n_all = len(train_dicts)
         train_dicts = select_training_dicts(train_dicts, cfg.DETECTOR.EMPTY_FRACTION, max(cfg.DETECTOR.SEED, 0))
         n_empty = sum(not d["annotations"] for d in train_dicts)
+        eval_dicts = select_eval_dicts(val_dicts, cfg.DETECTOR.EVAL_MAX_IMAGES)
         logger.info(
             f"detector training set: {len(train_dicts) - n_empty} images with ships + {n_empty} ship-free hard negatives "
-            f"(of {n_all} training images); validation: {len(select_eval_dicts(val_dicts, cfg.DETECTOR.EVAL_MAX_IMAGES))} images"
+            f"(of {n_all} training images); validation: {len(eval_dicts)} images"
         )
+        if fresh and selected_index in (None, 1) and comm.is_main_process():
+            set_aside(get_detector_path(cfg, "plan"), logger)  # a fresh run plans anew
+        cfg, record = get_planned_cfg(cfg, train_dicts, eval_dicts)
+        config_path = save_cfg(cfg, get_detector_dir(cfg)) if comm.is_main_process() else None
+        stages = get_stages(cfg)
+        selected = stages if selected_index is None else [get_stage(cfg, selected_index)]
+        limits = _stage_deadlines(record, stages)
         final = None
-        resuming = resume
         for current in selected:
-            final_path = get_stage_dir(cfg, current) / "model_final.pth"
-            if stage is None and resume and final_path.is_file():
-                logger.info(f"[{current.name}] complete ({final_path} exists): skipped")
-                final = final_path
-                continue
-            final = train_stage(cfg, current, train_dicts, val_dicts, resume=resuming)
-            resuming = False  # later stages start fresh from this one
-    return final
+            deadline = time.time() + limits[current.index] if current.index in limits else None
+            final, _ = train_stage(cfg, current, train_dicts, val_dicts, fresh=fresh, deadline=deadline)
+    return {"final": final, "best": get_detector_path(cfg, "best"), "config": config_path, "log": log_path,
+            "plan": get_detector_path(cfg, "plan") if record else None}
 
 
 # ---------------------------------------------------------------- command line
@@ -986,24 +1145,37 @@ def get_args_parser() -> argparse.ArgumentParser:
         description="Train the Mask R-CNN ship detector in resolution stages (runs under torchrun too).",
         epilog="example: python module_train.py --config configs/demo.yaml --stage 1 SOLVER.IMS_PER_BATCH 2",
     )
-    parser.add_argument("--config", required=True, help="YAML config (configs/airbus.yaml, configs/demo.yaml)")
     parser.add_argument("--stage", type=int, default=None, help="train only this stage (1-based); default: all stages")
-    parser.add_argument("--resume", action="store_true", help="continue the current stage from its last checkpoint")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
+    parser.add_argument("--fresh", action="store_true",
+                        help="start over instead of continuing (the default: finished stages are reused, an unfinished "
+                             "one resumes from its last checkpoint); earlier outputs are moved aside, never deleted")
+    module_config.add_config_args(parser)
     return parser
 
 
-def main(args: argparse.Namespace) -> Path:
-    cfg = get_cfg(args.config, args.opts)
+def main(args: argparse.Namespace) -> dict[str, Path]:
+    """Generate the synthetic data if the config asks for it, read the split, train."""
+    import module_preprocessing
+    import module_synthetic
+
+    cfg = module_config.get_cfg_from_args(args)
     rank, world_size = init_distributed(cfg.MODEL.DEVICE)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="[%(asctime)s %(name)s %(levelname)s] %(message)s")
+    module_config.setup_logging(rank)
     try:
-        final = train_detector(cfg, stage=args.stage, resume=args.resume)
-        logger.info(f"final weights: {final}")
-        return final
+        if rank == 0:
+            module_synthetic.prepare_synthetic_input(cfg)
+        comm.synchronize()
+        train_dicts, val_dicts = module_preprocessing.get_train_val_dicts(cfg)
+        try:
+            paths = train_detector(cfg, train_dicts, val_dicts, stage=args.stage, fresh=args.fresh)
+        except TrainingStopped as exc:
+            logger.error(str(exc))
+            raise SystemExit(128 + exc.signum) from None
+        logger.info(f"final weights: {paths['final']}")
+        return paths
     finally:
         if world_size > 1 and dist.is_initialized():
+            dist.barrier()  # every rank done before any tears the group down (gloo aborts otherwise)
             dist.destroy_process_group()
 
 

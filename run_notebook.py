@@ -4,9 +4,10 @@
     python run_notebook.py --config configs/airbus.yaml          # `make run`: the Kaggle data
     python run_notebook.py --config configs/demo.yaml CLASSIFIER.EPOCHS 1   # KEY VALUE overrides
 
-Steps: resolve the config -> check (or, for synthetic configs, generate) the Kaggle-layout input
-folder with ``module_preprocessing.prepare_input``, so a wrong ``input/`` fails in seconds with
-a clear message instead of inside the notebook -> execute ``module_notebook.ipynb`` through
+Steps: resolve the config -> generate the demo's data (``module_synthetic.prepare_synthetic_input``,
+synthetic configs only) and check the Kaggle-layout input folder
+(``module_preprocessing.check_input_layout``), so a wrong ``input/`` fails in seconds with a
+clear message instead of inside the notebook -> execute ``module_notebook.ipynb`` through
 papermill with the config path and overrides as its parameters -> export the executed notebook
 to HTML -> print the local F2 (and the all-empty baseline it must beat) and where to look. Into
 ``runs/<RUN_NAME>/`` go ``module_notebook.ipynb`` (executed, also when a cell failed: it shows
@@ -15,8 +16,8 @@ where) and ``module_notebook.html``, next to what the pipeline writes there itse
 atomically. The kernel runs in the current folder, so the config's relative paths mean the same
 to this script and to the notebook.
 
-``scores.json`` is written by the notebook's scoring cell with :func:`write_scores` and read back
-with :func:`read_scores`: its one home is here.
+``scores.json`` (``module_config.get_scores_path``) is written by the notebook's scoring cell with
+:func:`write_scores` and read back with :func:`read_scores`.
 
 Importing this module does nothing but define functions.
 """
@@ -31,13 +32,96 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 NOTEBOOK = ROOT / "module_notebook.ipynb"
-SCORES_FILE = "scores.json"  # written by the notebook's scoring cell into the run folder
 
 logger = logging.getLogger(__name__)
 
 
 class NotebookFailed(RuntimeError):
     """A notebook cell raised; the executed notebook (with the traceback) was still saved."""
+
+
+def get_partial_path(output: str | os.PathLike) -> Path:
+    """The hidden file papermill rewrites after every cell while ``output`` runs."""
+    output = Path(output)
+    return output.with_name(f".{output.stem}.running{output.suffix}")
+
+
+def current_section(partial: str | os.PathLike) -> tuple[str, int, int]:
+    """``(section heading, running cell number, cell count)`` of a notebook papermill is executing,
+    from the copy it saves after every cell (``("", 0, 0)`` while there is none yet)."""
+    try:
+        cells = json.loads(Path(partial).read_text()).get("cells", [])
+    except (OSError, ValueError):
+        return "", 0, 0
+    section, running = "", 0
+    for k, cell in enumerate(cells):
+        if cell.get("cell_type") == "markdown":
+            lines = [ln for ln in "".join(cell.get("source", "")).splitlines() if ln.startswith("## ")]
+            section = lines[0][3:].strip() if lines else section
+        status = cell.get("metadata", {}).get("papermill", {}).get("status")
+        if status == "running":
+            running = k + 1
+            break
+    return (section if running else ""), running, len(cells)
+
+
+class ProgressPrinter:
+    """Prints one status line every ``interval`` seconds while the notebook runs: the section and
+    cell, the running step with its epoch or iteration, loss, validation score and ETAs (from
+    ``runs/<run>/progress.json``, ``module_progress``). Plain lines, for terminals, CI logs and
+    ``docker logs`` alike; the notebook keeps its own progress bars."""
+
+    def __init__(self, cfg, partial: Path, interval: float = 30.0):
+        import threading
+
+        from module_config import get_progress_path
+
+        self.cfg, self.partial, self.interval = cfg, partial, interval
+        self.progress_path = get_progress_path(cfg)
+        self.started = time.time()
+        self._stop = threading.Event()
+        self._where = "starting the kernel"
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self):
+        self.progress_path.unlink(missing_ok=True)  # a previous run's last line is not this run's
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            print(self.line(), flush=True)
+
+    def remaining_after(self, progress: dict | None) -> float | None:
+        """Planned seconds of the training steps after the running one (time budgets), plus tuning and
+        prediction from the detector's measured inference speed; None when unknown."""
+        step = (progress or {}).get("step", "")
+        later = 0.0
+        if step.startswith("classifier"):
+            later += 60 * self.cfg.DETECTOR.TIME_BUDGET_MIN if self.cfg.DETECTOR.TIME_BUDGET_MIN > 0 else float("nan")
+        seconds_per_image = (progress or {}).get("infer_s_per_image")
+        if step.startswith(("classifier", "detector")) and seconds_per_image:
+            n_images = self.cfg.SYNTH.N_TEST + self.cfg.DATA.VAL_FRACTION * self.cfg.SYNTH.N_TRAIN \
+                if self.cfg.SYNTH.ENABLED else None
+            later += n_images * seconds_per_image * (3 if self.cfg.SUBMIT.TTA else 1) if n_images else float("nan")
+        elif step.startswith(("classifier", "detector")):
+            later = float("nan")
+        return None if later != later else later
+
+    def line(self) -> str:
+        from module_progress import format_progress, read_progress
+
+        section, cell, n_cells = current_section(self.partial)
+        progress = read_progress(self.progress_path)
+        if progress is not None:
+            progress = dict(progress, remaining_plan_s=self.remaining_after(progress))
+        if cell:
+            self._where = f"{section} (cell {cell}/{n_cells})" if section else f"cell {cell}/{n_cells}"
+        return format_progress(progress, self._where, elapsed_s=time.time() - self.started)
 
 
 def execute_notebook(notebook: str | os.PathLike, output: str | os.PathLike, parameters: dict,
@@ -55,11 +139,11 @@ def execute_notebook(notebook: str | os.PathLike, output: str | os.PathLike, par
 
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    partial = output.with_name(f".{output.stem}.running{output.suffix}")
+    partial = get_partial_path(output)
     try:
         papermill.execute_notebook(
             str(notebook), str(partial), parameters=parameters, kernel_name=kernel_name,
-            cwd=str(cwd), progress_bar=True, request_save_on_cell_execute=True,
+            cwd=str(cwd), progress_bar=False, request_save_on_cell_execute=True,
             execution_timeout=cell_timeout,
         )
     except PapermillExecutionError as exc:
@@ -81,7 +165,7 @@ def export_html(notebook: str | os.PathLike, output: str | os.PathLike) -> Path:
     import nbformat
     from nbconvert import HTMLExporter
 
-    from module_config import atomic_path
+    from module_files import atomic_path
 
     body, _ = HTMLExporter(template_name="lab").from_notebook_node(nbformat.read(str(notebook), as_version=4))
     with atomic_path(output) as tmp:
@@ -89,14 +173,16 @@ def export_html(notebook: str | os.PathLike, output: str | os.PathLike) -> Path:
     return Path(output)
 
 
-def read_scores(run_dir: str | os.PathLike) -> dict | None:
+def read_scores(cfg) -> dict | None:
     """The scores the notebook wrote into the run folder (None when it wrote none)."""
-    path = Path(run_dir) / SCORES_FILE
+    from module_config import get_scores_path
+
+    path = get_scores_path(cfg)
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def write_scores(run_dir: str | os.PathLike, result, what: str) -> Path | None:
-    """Write the notebook's local score into ``run_dir/scores.json`` (atomically); return its path.
+def write_scores(cfg, result, what: str) -> Path | None:
+    """Write the notebook's local score into ``runs/<run>/scores.json`` (atomically); return its path.
 
     ``result`` is a ``module_metric.ScoreResult`` (``module_submit.score_report``), or None when
     the config has no test truth: then a stale ``scores.json`` is removed and nothing is written.
@@ -104,10 +190,11 @@ def write_scores(run_dir: str | os.PathLike, result, what: str) -> Path | None:
     a submission without any ship, the baseline to beat), ``n_images``, and the breakdowns of
     ``module_metric.score_to_json`` (per IoU threshold, by image type, recall by size, per image).
     """
-    from module_config import atomic_path
+    from module_config import get_scores_path
+    from module_files import atomic_path
     from module_metric import score_to_json
 
-    path = Path(run_dir) / SCORES_FILE
+    path = get_scores_path(cfg)
     if result is None:
         path.unlink(missing_ok=True)
         return None
@@ -129,44 +216,50 @@ def add_to_pythonpath(folder: str | os.PathLike) -> None:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
+    from module_config import add_config_args
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="configs/demo.yaml", help="pipeline config (YAML)")
+    parser.add_argument("--fresh", action="store_true",
+                        help="start the run over (earlier outputs are moved aside, never deleted); default: continue it")
     parser.add_argument("--notebook", default=str(NOTEBOOK), help="the driver notebook to execute")
     parser.add_argument("--kernel", default="python3", help="Jupyter kernel name")
     parser.add_argument("--cell-timeout", type=int, default=None,
                         help="seconds one cell may run (default: no limit)")
     parser.add_argument("--no-html", action="store_true", help="skip the HTML export")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, default=[],
-                        help="config overrides: KEY VALUE pairs, e.g. CLASSIFIER.EPOCHS 1")
+    parser.add_argument("--progress-interval", type=float, default=30.0,
+                        help="seconds between the status lines printed while the notebook runs")
+    add_config_args(parser)
     return parser
 
 
 def main(args: argparse.Namespace) -> dict:
     """Run the notebook for ``args.config``; return the paths written and the scores."""
-    from module_config import get_cfg, get_run_dir
-    from module_preprocessing import prepare_input
-    from module_submit import get_submission_dir
+    from module_config import get_cfg_from_args, get_run_dir, get_scores_path, get_submission_path
+    from module_preprocessing import check_input_layout
+    from module_synthetic import prepare_synthetic_input
 
     started = time.perf_counter()
-    cfg = get_cfg(args.config, args.opts)
+    cfg = get_cfg_from_args(args)
     run_dir = get_run_dir(cfg)
-    input_dir = prepare_input(cfg)  # raises, naming the folder and what is missing, on a wrong layout
+    prepare_synthetic_input(cfg)  # the demo's generated data; nothing for real-data configs
+    input_dir = check_input_layout(cfg)  # raises, naming the folder and what is missing, on a wrong layout
     print(f"[run_notebook] config {args.config}, input {input_dir}, run folder {run_dir}", flush=True)
 
     notebook = run_dir / Path(args.notebook).name
-    parameters = {"CONFIG": str(args.config), "OVERRIDES": list(args.opts)}
+    parameters = {"CONFIG": str(args.config), "OVERRIDES": list(args.opts), "FRESH": bool(args.fresh)}
     # The kernel runs in the current folder, so that the config's relative paths (runs/...) mean
     # what they mean here; the project's modules are found through PYTHONPATH.
     add_to_pythonpath(ROOT)
     try:
-        execute_notebook(args.notebook, notebook, parameters, kernel_name=args.kernel, cwd=Path.cwd(),
-                         cell_timeout=args.cell_timeout)
+        with ProgressPrinter(cfg, get_partial_path(notebook), interval=args.progress_interval):
+            execute_notebook(args.notebook, notebook, parameters, kernel_name=args.kernel, cwd=Path.cwd(),
+                             cell_timeout=args.cell_timeout)
     except NotebookFailed:  # export the failed run too: the HTML shows the traceback in context
         if not args.no_html:
             export_html(notebook, notebook.with_suffix(".html"))
         raise
     html = None if args.no_html else export_html(notebook, notebook.with_suffix(".html"))
-    scores = read_scores(run_dir)
+    scores = read_scores(cfg)
     minutes = (time.perf_counter() - started) / 60
 
     lines = [f"[run_notebook] done in {minutes:.1f} min."]
@@ -179,8 +272,7 @@ def main(args: argparse.Namespace) -> dict:
     lines += [f"  executed notebook: {notebook}"]
     if html is not None:
         lines.append(f"  HTML report:       {html}")
-    submission = get_submission_dir(cfg) / "submission.csv"  # where `module_submit.py predict` writes it
-    for name, path in (("submission", submission), ("scores", run_dir / SCORES_FILE)):
+    for name, path in (("submission", get_submission_path(cfg)), ("scores", get_scores_path(cfg))):
         if path.is_file():
             lines.append(f"  {name + ':':<19}{path}")
     lines.append(f"  TensorBoard:       tensorboard --logdir {run_dir}   (then http://localhost:6006)")

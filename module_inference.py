@@ -1,0 +1,396 @@
+"""Inference, in one home: the detector from a run, batched prediction, flip TTA, overlap removal, the gate.
+
+Used by the training validation hook (``module_train``), threshold tuning and the Kaggle
+submission (``module_submit``) and scene detection (``module_detect``):
+
+    model = load_detector(cfg)                       # runs/<run>/detector/model_best.pth, eval mode
+    preds = predict_instances(model, [rgb_uint8_image], tta=True)
+    preds[0]["masks"]   # (N, H, W) bool at the image's own size; preds[0]["scores"] (N,) float32
+    masks, scores = apply_thresholds(preds[0], get_thresholds(cfg)[0])  # overlap-free, thresholded
+
+* **the model**: :func:`load_detector` builds the Mask R-CNN of the config
+  (``module_config.get_model_cfg``) and loads a checkpoint (by default the run's best);
+  :func:`resolve_weights` turns ``MODEL.WEIGHTS`` URLs into cached files, or says what to do
+  without network.
+* **batched prediction** :func:`predict_instances`: images go through
+  :func:`get_eval_augmentations`, the very resize the training mapper applies with
+  ``is_train=False`` (``module_train.ShipDatasetMapper``), then the model in batches; masks are
+  pasted back at each image's size.
+* **flip TTA** :func:`merge_tta_predictions`; **overlap removal** :func:`resolve_overlaps` (each
+  pixel to the highest-scoring mask, as Kaggle requires) and the three thresholds
+  (:class:`Thresholds`, :func:`get_thresholds`: the run's tuned ones, the config's otherwise).
+* **the gate**: :func:`build_p_ship_fn` wraps the run's exported classifier (``module_classifier``,
+  imported only when a gate is built) as ``paths -> p_ship``.
+
+Masks here are ``(N, H, W)`` bool arrays in image pixel order (row, column).
+
+Importing this module does nothing but define functions.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Sequence
+from urllib.parse import urlparse
+
+import numpy as np
+import torch
+
+import module_config
+from module_config import get_detector_path, get_model_cfg, get_stage_path, get_stages
+from module_rle import masks_to_coco
+
+logger = logging.getLogger(__name__)
+
+# detectron2's model-zoo URL scheme and where its PathManager downloads it from.
+DETECTRON2_URL_PREFIX = "detectron2://"
+DETECTRON2_DOWNLOAD_URL = "https://dl.fbaipublicfiles.com/detectron2/"
+# TTA views as (name, numpy axis of an (H, W, ...) image to flip; None: the original).
+TTA_VIEWS = (("original", None), ("hflip", 1), ("vflip", 0))
+
+# A callable giving p_ship for image files: list of paths -> (N,) float array in [0, 1] (NaN: unreadable).
+PShipFn = Callable[[Sequence[Path]], np.ndarray]
+# A callable detecting ships: list of (H, W, 3) uint8 RGB images -> list of
+# {"masks": (N, H, W) bool at the image size, "scores": (N,) float}.
+DetectFn = Callable[[Sequence[np.ndarray]], list]
+
+
+# ============================================================================ weights
+def get_weights_cache_path(url: str) -> Path:
+    """Where detectron2's PathManager keeps a downloaded ``detectron2://`` or http(s) URL."""
+    from iopath.common.file_io import get_cache_dir
+
+    if url.startswith(DETECTRON2_URL_PREFIX):
+        url = DETECTRON2_DOWNLOAD_URL + url[len(DETECTRON2_URL_PREFIX):]
+    return Path(get_cache_dir()) / urlparse(url).path.lstrip("/")
+
+
+def resolve_weights(weights: str) -> str:
+    """A local file for ``weights`` ("" stays ""): URLs are downloaded (or found in the cache).
+
+    Raises ``FileNotFoundError`` for a local path that does not exist and ``RuntimeError`` saying
+    where to put the file when a download fails (e.g. no network).
+    """
+    from detectron2.utils.file_io import PathManager
+
+    if not weights:
+        return ""
+    if "://" not in weights:
+        if not Path(weights).is_file():
+            raise FileNotFoundError(
+                f"MODEL.WEIGHTS {weights!r} does not exist. Give an existing .pth/.pkl file, a "
+                'detectron2:// model-zoo URL, or "" for random init.'
+            )
+        return weights
+    cache = get_weights_cache_path(weights)
+    try:
+        return PathManager.get_local_path(weights)
+    except Exception as exc:  # iopath raises whatever urllib raises
+        raise RuntimeError(
+            f"could not download the pretrained weights {weights} ({type(exc).__name__}: {exc}). "
+            f"Download the file on a machine with network access and put it at {cache} "
+            "(or run `python tools/prefetch_weights.py`), or set MODEL.WEIGHTS to a local file, "
+            'or to "" for random init.'
+        ) from exc
+
+
+# ============================================================================ the model
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The detector inside a DistributedDataParallel wrapper (or the model itself)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Put ``model`` in eval mode (no autograd) for the block and restore its previous mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            yield model
+    finally:
+        model.train(was_training)
+
+
+def get_default_weights_path(cfg) -> Path:
+    """The detector weights of the run: the best by validation F2, else the last stage's final ones."""
+    candidates = [get_detector_path(cfg, "best"), get_stage_path(cfg, get_stages(cfg)[-1], "final")]
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise FileNotFoundError(f"no detector weights in the run ({' or '.join(map(str, candidates))}): "
+                            "train with module_train.py (or the notebook), or pass --weights")
+
+
+def load_detector(cfg, weights: str | os.PathLike | None = None) -> torch.nn.Module:
+    """The Mask R-CNN of ``cfg`` with ``weights`` (default: the run's, :func:`get_default_weights_path`)
+    loaded, in eval mode on ``cfg.MODEL.DEVICE``.
+
+    ``model.input_size`` is the input size recorded in the checkpoint (the stage it was trained
+    at; the last stage's size for files that do not record one).
+    """
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.modeling import build_model
+
+    weights = str(weights) if weights else str(get_default_weights_path(cfg))
+    if "://" not in weights and not Path(weights).is_file():
+        raise FileNotFoundError(f"detector weights {weights!r} do not exist")
+    model = build_model(get_model_cfg(cfg))
+    extra = DetectionCheckpointer(model).load(resolve_weights(weights))
+    model.input_size = int(extra.get("input_size", get_stages(cfg)[-1].size))
+    model.eval()
+    return model
+
+
+# ============================================================================ batched prediction
+def get_eval_augmentations(input_size: int) -> list:
+    """What every image goes through before the model outside training: a resize to ``input_size``
+    square. The training mapper starts with the same list (``module_train.build_augmentations``)."""
+    from detectron2.data import transforms as T
+
+    return [T.Resize((input_size, input_size))]
+
+
+def to_model_inputs(images: Sequence[np.ndarray], input_size: int, input_format: str = "BGR") -> list[dict]:
+    """detectron2 model inputs of ``(H, W, 3)`` uint8 RGB images: resized by
+    :func:`get_eval_augmentations`, in ``input_format`` channel order, with the original size."""
+    from detectron2.data import transforms as T
+
+    augmentations = T.AugmentationList(get_eval_augmentations(input_size))
+    inputs = []
+    for i, image in enumerate(images):
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(f"image {i}: expected an (H, W, 3) uint8 RGB array, got {image.shape} {image.dtype}")
+        height, width = image.shape[:2]
+        if input_format == "BGR":
+            image = image[:, :, ::-1]
+        aug_input = T.AugInput(np.ascontiguousarray(image))
+        augmentations(aug_input)
+        tensor = torch.as_tensor(np.ascontiguousarray(aug_input.image.transpose(2, 0, 1)))
+        inputs.append({"image": tensor, "height": height, "width": width})
+    return inputs
+
+
+def _instances_to_prediction(instances) -> dict:
+    instances = instances.to("cpu")
+    masks = instances.pred_masks.numpy().astype(bool) if instances.has("pred_masks") else None
+    if masks is None or len(instances) == 0:
+        masks = np.zeros((0, *instances.image_size), bool)
+    scores = instances.scores.numpy().astype(np.float32)
+    order = np.argsort(-scores, kind="stable")
+    return {"masks": masks[order], "scores": scores[order]}
+
+
+def merge_tta_predictions(views: Sequence[dict], iou_threshold: float = 0.5) -> dict:
+    """Merge per-view predictions (already un-flipped to the original frame) into one.
+
+    Detections of all views are pooled and taken in score order; each unassigned detection
+    gathers, from every other view, the unassigned detection with the highest mask IoU if that
+    IoU is >= ``iou_threshold``. A group's mask is the pixels covered by at least half of its
+    members (1: itself, 2: their union, 3: the majority); its score is the sum of the members'
+    scores divided by the number of views, so a ship seen in one view only is down-weighted.
+    Masks: (N, H, W) bool; the result may overlap (resolve overlaps afterwards).
+    """
+    from pycocotools import mask as mask_util
+
+    n_views = len(views)
+    masks = [v["masks"] for v in views]
+    height, width = views[0]["masks"].shape[1:]
+    entries = [(float(s), vi, di) for vi, v in enumerate(views) for di, s in enumerate(v["scores"])]
+    if not entries:
+        return {"masks": np.zeros((0, height, width), bool), "scores": np.zeros(0, np.float32)}
+    entries.sort(key=lambda e: -e[0])
+    rles = [masks_to_coco(m) for m in masks]
+    # IoU between every pair of views: iou[(a, b)] has shape (n_a, n_b)
+    iou = {}
+    for a in range(n_views):
+        for b in range(n_views):
+            if a != b and len(rles[a]) and len(rles[b]):
+                iou[(a, b)] = np.asarray(mask_util.iou(rles[a], rles[b], [0] * len(rles[b])))
+    used = [np.zeros(len(v["scores"]), bool) for v in views]
+    out_masks, out_scores = [], []
+    for score, vi, di in entries:
+        if used[vi][di]:
+            continue
+        used[vi][di] = True
+        members = [masks[vi][di]]
+        total = score
+        for vj in range(n_views):
+            if vj == vi or (vi, vj) not in iou:
+                continue
+            candidates = np.where(~used[vj], iou[(vi, vj)][di], -1.0)
+            best = int(np.argmax(candidates))
+            if candidates[best] >= iou_threshold:
+                used[vj][best] = True
+                members.append(masks[vj][best])
+                total += float(views[vj]["scores"][best])
+        out_masks.append(np.mean(members, axis=0) >= 0.5)
+        out_scores.append(total / n_views)
+    scores = np.asarray(out_scores, np.float32)
+    order = np.argsort(-scores, kind="stable")
+    return {"masks": np.stack(out_masks)[order], "scores": scores[order]}
+
+
+def predict_instances(model: torch.nn.Module, images: Sequence[np.ndarray], input_size: int | None = None,
+                      tta: bool = False, batch_size: int = 8) -> list[dict]:
+    """Masks and scores for each (H, W, 3) uint8 RGB image, at the image's own size.
+
+    Each image is resized to ``input_size`` square (default ``model.input_size``: the size the
+    checkpoint was trained at) by :func:`to_model_inputs`, the model runs in batches of
+    ``batch_size``, and masks are pasted back at (H, W). Returns one dict per image: ``masks``
+    (N, H, W) bool (row-major, may overlap) and ``scores`` (N,) float32, sorted by score, highest
+    first. ``tta``: the original, horizontally and vertically flipped images are predicted,
+    un-flipped and merged by :func:`merge_tta_predictions`. The model's mode is restored afterwards.
+    """
+    net = unwrap_model(model)
+    input_size = int(input_size or getattr(net, "input_size"))
+    views = TTA_VIEWS if tta else TTA_VIEWS[:1]
+    results: list[dict] = []
+    with eval_mode(net):
+        for start in range(0, len(images), batch_size):
+            batch = list(images[start:start + batch_size])
+            per_view = []
+            for _, axis in views:
+                flipped = batch if axis is None else [np.flip(image, axis) for image in batch]
+                outputs = net.inference(to_model_inputs(flipped, input_size, net.input_format))
+                predictions = [_instances_to_prediction(o["instances"]) for o in outputs]
+                if axis is not None:  # masks are (N, H, W): image axis a is mask axis a + 1
+                    predictions = [{"masks": np.ascontiguousarray(np.flip(p["masks"], axis + 1)),
+                                    "scores": p["scores"]} for p in predictions]
+                per_view.append(predictions)
+            if not tta:
+                results += per_view[0]
+            else:
+                results += [merge_tta_predictions([view[i] for view in per_view]) for i in range(len(batch))]
+    return results
+
+
+# ============================================================================ overlap removal, thresholds
+def resolve_overlaps(masks: np.ndarray, scores: np.ndarray, score_threshold: float = 0.0,
+                     min_area: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Make predicted masks disjoint, as Kaggle requires.
+
+    ``masks`` ``(N, H, W)`` (bool or 0/1), ``scores`` ``(N,)``. Drops detections with
+    ``score < score_threshold``, gives each pixel to the highest-scoring mask (ties: the earlier
+    one in the input), then drops masks left with fewer than ``max(min_area, 1)`` pixels.
+    Returns ``(masks (K, H, W) bool, scores (K,))`` sorted by score, descending; inputs untouched.
+    """
+    masks = np.asarray(masks)
+    scores = np.asarray(scores)
+    if masks.ndim != 3:
+        raise ValueError(f"masks must be (N, H, W), got shape {masks.shape}")
+    if scores.shape != (masks.shape[0],):
+        raise ValueError(f"scores must be ({masks.shape[0]},) to match masks, got shape {scores.shape}")
+    order = np.argsort(-scores, kind="stable")
+    order = order[scores[order] >= score_threshold]
+    taken = np.zeros(masks.shape[1:], np.bool_)
+    kept_masks, kept = [], []
+    for k in order:
+        mask = masks[k].astype(np.bool_, copy=True)
+        mask &= ~taken
+        taken |= mask
+        if np.count_nonzero(mask) >= max(int(min_area), 1):
+            kept_masks.append(mask)
+            kept.append(k)
+    out_masks = np.stack(kept_masks) if kept_masks else np.zeros((0,) + masks.shape[1:], np.bool_)
+    return out_masks, scores[np.asarray(kept, np.int64)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Thresholds:
+    """The three post-processing thresholds of a gated prediction."""
+
+    classifier: float  # images with p_ship below this get no ship; <= 0: no classifier at all
+    score: float  # detections with a score below this are dropped
+    min_area: int  # masks smaller than this (px, after overlap removal) are dropped
+
+    def as_config(self) -> dict:
+        return {"CLASSIFIER_THRESHOLD": float(self.classifier), "SCORE_THRESHOLD": float(self.score),
+                "MIN_AREA": int(self.min_area)}
+
+
+THRESHOLD_KEYS = {"CLASSIFIER_THRESHOLD": "classifier", "SCORE_THRESHOLD": "score", "MIN_AREA": "min_area"}
+
+
+def apply_thresholds(prediction: dict, thresholds: Thresholds) -> tuple[np.ndarray, np.ndarray]:
+    """One image's raw prediction (``masks`` (N, H, W), ``scores`` (N,)) -> overlap-free
+    ``(masks (K, H, W) bool, scores (K,))`` after the score threshold and the minimum area."""
+    return resolve_overlaps(np.asarray(prediction["masks"], bool), np.asarray(prediction["scores"], np.float32),
+                            score_threshold=thresholds.score, min_area=thresholds.min_area)
+
+
+def get_thresholds(cfg, thresholds_file: str | Path | None = None,
+                   overridden: Iterable[str] = ()) -> tuple[Thresholds, dict]:
+    """The thresholds a prediction uses, and where each came from.
+
+    Precedence per key: a ``SUBMIT.<KEY>`` override given on the command line (``overridden``),
+    then ``thresholds_file`` (default: the run's tuned ``thresholds.yaml``, when it exists), then
+    the config. Returns ``(Thresholds, {key: source})``.
+    """
+    import yaml
+
+    path = Path(thresholds_file) if thresholds_file else module_config.get_submission_path(cfg, "thresholds")
+    tuned: dict = {}
+    if path.is_file():
+        loaded = yaml.safe_load(path.read_text()) or {}
+        tuned = loaded.get("thresholds", loaded)
+        unknown = set(tuned) - set(THRESHOLD_KEYS)
+        if unknown:
+            raise ValueError(f"{path}: unknown threshold keys {sorted(unknown)}; expected {sorted(THRESHOLD_KEYS)}")
+    elif thresholds_file:
+        raise FileNotFoundError(f"thresholds file {path} does not exist")
+    overridden = set(module_config.parse_overrides(list(overridden))[0::2]) if overridden else set()
+    values, sources = {}, {}
+    for key, field in THRESHOLD_KEYS.items():
+        if f"SUBMIT.{key}" in overridden or key not in tuned:
+            values[field] = cfg.SUBMIT[key]
+            sources[key] = "command line" if f"SUBMIT.{key}" in overridden else "config"
+        else:
+            values[field] = tuned[key]
+            sources[key] = str(path)
+    thresholds = Thresholds(float(values["classifier"]), float(values["score"]), int(values["min_area"]))
+    return thresholds, sources
+
+
+# ============================================================================ callables for the gated pipeline
+def build_p_ship_fn(cfg, classifier_path: str | Path | None = None) -> PShipFn:
+    """A :data:`PShipFn` over the run's exported classifier (``CLASSIFIER.BATCH_SIZE``, ``.TTA``, ``.PRECISION``).
+
+    Unreadable images get NaN (they are listed by the caller, which knows why)."""
+    import module_classifier  # here: tuning, submission and scenes need it; training the detector does not
+
+    path = Path(classifier_path) if classifier_path else module_config.get_classifier_path(cfg)
+    if not path.is_file():
+        raise FileNotFoundError(f"classifier {path} does not exist; train it with module_classifier.py, "
+                                "pass --classifier, or set SUBMIT.CLASSIFIER_THRESHOLD 0 to run ungated")
+    learner = module_classifier.load_classifier(path)
+
+    def p_ship_fn(paths: Sequence[Path]) -> np.ndarray:
+        frame = module_classifier.predict_p_ship(learner, list(paths), batch_size=cfg.CLASSIFIER.BATCH_SIZE,
+                                                 tta=cfg.CLASSIFIER.TTA, num_workers=cfg.CLASSIFIER.NUM_WORKERS,
+                                                 on_bad_image="skip", progress=False,
+                                                 precision=cfg.CLASSIFIER.PRECISION)
+        by_id = frame.set_index("ImageId")["p_ship"]  # skipped (unreadable) images are absent: NaN
+        return by_id.reindex([Path(p).name for p in paths]).to_numpy(dtype=np.float64)
+
+    return p_ship_fn
+
+
+def build_detect_fn(cfg, weights: str | Path | None = None) -> DetectFn:
+    """A :data:`DetectFn` over the run's detector, at the input size its checkpoint was trained at.
+
+    ``SUBMIT.TTA`` turns on flip TTA; ``SUBMIT.BATCH_SIZE`` images per pass.
+    """
+    model = load_detector(cfg, weights)
+    logger.info("detector %s at input size %d, TTA %s", weights or get_default_weights_path(cfg),
+                model.input_size, cfg.SUBMIT.TTA)
+
+    def detect_fn(images: Sequence[np.ndarray]) -> list:
+        return predict_instances(model, list(images), tta=cfg.SUBMIT.TTA, batch_size=cfg.SUBMIT.BATCH_SIZE)
+
+    return detect_fn
