@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 CONFIG ?= configs/airbus.yaml
 PYTEST_ARGS ?=
 
-.PHONY: setup system-deps test demo run bench clean
+.PHONY: setup system-deps test docker-test docker-test-deps demo run bench clean
 
 setup: $(STAMP)
 
@@ -26,6 +26,17 @@ system-deps:
 
 test: setup system-deps
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The Docker image built and run for real (tests/container/, README "Docker"): buildah and a
+# Debian 12 stand-in base from debootstrap, no Docker daemon. Needs root; installs the two tools.
+docker-test-deps:
+	@missing=""; for tool in buildah debootstrap; do command -v $$tool >/dev/null 2>&1 || missing="$$missing $$tool"; done; \
+	if [ -z "$$missing" ]; then echo "buildah, debootstrap: present"; \
+	elif [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null && echo "installed:$$missing"; \
+	else echo "missing:$$missing (needs root: apt-get install$$missing)" >&2; exit 1; fi
+
+docker-test: setup docker-test-deps
+	AIRBUS_DOCKER_TEST=1 $(PY) -m pytest -s tests/container $(PYTEST_ARGS)
 
 demo: setup
 	$(PY) run_notebook.py --config configs/demo.yaml

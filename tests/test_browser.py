@@ -8,16 +8,22 @@
   with papermill's parameter injection sits in a temporary folder that is the server's root, so
   the run writes nothing into the checkout.
 - TensorBoard serves that run's ``runs/`` folder; the scalars page must show the training curves.
+- ``tensorboard.ipynb``, the side notebook, is opened and run in the same JupyterLab on that
+  ``runs/``: with nothing on its ``PORT`` it starts a TensorBoard through the ``%tensorboard``
+  magic on ``FALLBACK_PORT``; with a TensorBoard already there (the container's entrypoint's) it
+  shows that one and starts none. Either way the dashboard must render in the output's iframe.
 
 Screenshots go to ``runs/test-artifacts/browser/`` (printed). Servers are stopped by PID.
 Skips with a reason where ``/usr/bin/chromium`` is missing (``make system-deps`` installs it).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -35,6 +41,7 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-back
 ARTIFACTS = ROOT / "runs" / "test-artifacts" / "browser"
 TINY_CONFIG = ROOT / "configs" / "tiny.yaml"
 NOTEBOOK = ROOT / "module_notebook.ipynb"
+TENSORBOARD_NOTEBOOK = ROOT / "tensorboard.ipynb"
 RUN_ALL_TIMEOUT_S = 420
 LAB_OVERRIDES = ROOT / "docker" / "overrides.json"  # the same file the Docker image installs
 
@@ -90,12 +97,15 @@ def silence_lab_news() -> Path:
 
 def write_parameterized_notebook(folder: Path, config: Path) -> Path:
     """The repo's notebook with papermill's parameter injection (CONFIG = ``config``), in ``folder``."""
+    return write_notebook(NOTEBOOK, folder / NOTEBOOK.name, {"CONFIG": str(config), "OVERRIDES": []})
+
+
+def write_notebook(source: Path, out: Path, parameters: dict) -> Path:
+    """``source`` with papermill's parameter injection of ``parameters``, written to ``out``."""
     from papermill.iorw import load_notebook_node
     from papermill.parameterize import parameterize_notebook
 
-    notebook = load_notebook_node(str(NOTEBOOK))
-    notebook = parameterize_notebook(notebook, {"CONFIG": str(config), "OVERRIDES": []})
-    out = folder / NOTEBOOK.name
+    notebook = parameterize_notebook(load_notebook_node(str(source)), parameters)
     nbformat.write(notebook, str(out))
     return out
 
@@ -159,24 +169,22 @@ def code_cell_prompts(page) -> list[str]:
     return page.locator(".jp-NotebookPanel:visible .jp-CodeCell .jp-InputArea-prompt").all_inner_texts()
 
 
-@pytest.fixture(scope="module")
-def lab_run_all(lab_server, browser):
-    """Open the notebook in JupyterLab, Run All, save; yields what the page and the saved file show."""
-    url, token, root = lab_server
-    notebook = write_parameterized_notebook(root, TINY_CONFIG)
+def open_and_run_all(page, url: str, token: str, notebook: Path, timeout_s: float = RUN_ALL_TIMEOUT_S,
+                     workspace: str | None = None) -> tuple[list[str], float]:
+    """Open ``notebook`` (in the Lab's root) in JupyterLab, click Run > Run All Cells, wait for the
+    last cell or the first error; return the cells' prompts and the seconds Run All took.
+    ``workspace``: a fresh named one, so that no notebook opened before is restored next to it."""
     n_code = sum(c.cell_type == "code" for c in nbformat.read(str(notebook), as_version=4).cells)
-    page = browser.new_page(viewport={"width": 1400, "height": 1000})
-    console_errors: list[str] = []
-    page.on("console", lambda msg: console_errors.append(msg.text) if msg.type == "error" else None)
-    page.goto(f"{url}/lab/tree/{notebook.name}?token={token}", wait_until="domcontentloaded")
+    lab = f"{url}/lab/workspaces/{workspace}" if workspace else f"{url}/lab"
+    page.goto(f"{lab}/tree/{notebook.name}?token={token}", wait_until="domcontentloaded")
     wait_for_kernel_idle(page, timeout_s=90)
-    page.screenshot(path=str(ARTIFACTS / "lab-opened.png"))
+    page.screenshot(path=str(ARTIFACTS / f"lab-opened-{notebook.stem}.png"))
 
     page.locator("#jp-MainMenu .lm-MenuBar-itemLabel", has_text="Run").first.click()
     page.locator(".lm-Menu-item:visible .lm-Menu-itemLabel").get_by_text("Run All Cells", exact=True).click()
     started = time.monotonic()
     prompts: list[str] = []
-    while time.monotonic() - started < RUN_ALL_TIMEOUT_S:
+    while time.monotonic() - started < timeout_s:
         if page.locator(".jp-Dialog").count():  # e.g. a kernel prompt: fail now with a picture
             page.screenshot(path=str(ARTIFACTS / "lab-dialog.png"))
             raise AssertionError(f"unexpected dialog: {page.locator('.jp-Dialog').inner_text()!r}")
@@ -189,7 +197,19 @@ def lab_run_all(lab_server, browser):
             break
         time.sleep(2)
     wait_for_kernel_idle(page, timeout_s=60)
-    elapsed = time.monotonic() - started
+    return prompts, time.monotonic() - started
+
+
+@pytest.fixture(scope="module")
+def lab_run_all(lab_server, browser):
+    """Open the notebook in JupyterLab, Run All, save; yields what the page and the saved file show."""
+    url, token, root = lab_server
+    notebook = write_parameterized_notebook(root, TINY_CONFIG)
+    n_code = sum(c.cell_type == "code" for c in nbformat.read(str(notebook), as_version=4).cells)
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    console_errors: list[str] = []
+    page.on("console", lambda msg: console_errors.append(msg.text) if msg.type == "error" else None)
+    prompts, elapsed = open_and_run_all(page, url, token, notebook)
 
     cells = page.locator(".jp-NotebookPanel:visible .jp-Cell")
     shots = []
@@ -290,3 +310,98 @@ def test_tensorboard_scalars_page_shows_the_training_curves(lab_run_all, browser
     finally:
         stop(process)
         print(f"TensorBoard (pid {process.pid}) stopped; screenshots in {ARTIFACTS}")
+
+
+SCALAR_RUN, SCALAR_TAGS = "tensorboard-notebook-test", ("side_notebook_loss", "side_notebook_lr")
+
+
+@pytest.fixture(scope="module")
+def scalar_runs(lab_server) -> Path:
+    """The Lab root's ``runs/`` with a run of two curves (next to what the notebook wrote there)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    runs = lab_server[2] / "runs"
+    with SummaryWriter(str(runs / SCALAR_RUN)) as writer:
+        for step in range(20):
+            for k, tag in enumerate(SCALAR_TAGS):
+                writer.add_scalar(tag, 1.0 / (step + 1 + k), step)
+    return runs
+
+
+def tensorboard_servers() -> dict[int, int]:
+    """{port: pid} of the TensorBoards this machine's user started (TensorBoard's own records)."""
+    from tensorboard import manager
+
+    return {info.port: info.pid for info in manager.get_all()}
+
+
+def run_tensorboard_notebook(browser, lab_server, name: str, port: int, fallback_port: int):
+    """tensorboard.ipynb with PORT/FALLBACK_PORT, run in JupyterLab; returns the page and the outputs."""
+    url, token, root = lab_server
+    notebook = write_notebook(TENSORBOARD_NOTEBOOK, root / f"{name}.ipynb",
+                              {"PORT": port, "FALLBACK_PORT": fallback_port, "HEIGHT": 700})
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    prompts, elapsed = open_and_run_all(page, url, token, notebook, timeout_s=180, workspace=name)
+    print(f"{notebook.name}: Run All took {elapsed:.0f} s, prompts {prompts}")
+    outputs = page.locator(".jp-NotebookPanel:visible .jp-OutputArea-output")
+    assert page.locator(".jp-OutputArea-output", has_text="Traceback").count() == 0, outputs.all_inner_texts()
+    return page, "\n".join(outputs.all_inner_texts())
+
+
+def assert_dashboard_in_the_output_iframe(page, port: int, shot: str) -> None:
+    """The output's iframe points at ``port``; TensorBoard's dashboard renders in it, with our run's chart."""
+    iframe = page.locator(".jp-NotebookPanel:visible .jp-OutputArea-output iframe").first
+    iframe.wait_for(timeout=60_000)
+    iframe.scroll_into_view_if_needed()
+    src = iframe.get_attribute("src") or ""
+    assert src.rstrip("/").endswith(f":{port}"), src
+    frame = page.frame_locator(".jp-NotebookPanel:visible .jp-OutputArea-output iframe").first
+    frame.locator("card-view").first.wait_for(timeout=60_000)  # the Time Series dashboard's charts
+    frame.locator("input[placeholder='Filter tags (regex)']").fill(SCALAR_TAGS[0])  # cards render lazily
+    card = frame.locator("card-view", has_text=SCALAR_TAGS[0]).first
+    card.wait_for(timeout=60_000)
+    page.wait_for_timeout(2000)  # let the chart draw
+    iframe.screenshot(path=str(ARTIFACTS / shot))
+    text = frame.locator("body").inner_text()
+    assert "TensorBoard" in text and SCALAR_RUN in text, text[:2000]
+    assert card.locator("svg path, canvas").count() > 0, "the chart is not drawn"
+
+
+def test_tensorboard_notebook_starts_its_own_server_when_none_answers(scalar_runs, lab_server, browser):
+    """Outside the container: nothing on PORT, so %tensorboard serves runs/ on FALLBACK_PORT."""
+    port, fallback = free_port(), free_port()  # nothing listens on `port`
+    before = tensorboard_servers()
+    page, text = run_tensorboard_notebook(browser, lab_server, "tensorboard-own", port, fallback)
+    started = {p: pid for p, pid in tensorboard_servers().items() if p not in before}
+    try:
+        assert list(started) == [fallback], f"TensorBoards started by the notebook: {started}"
+        assert "reused" not in text
+        assert_dashboard_in_the_output_iframe(page, fallback, "tensorboard-notebook-own.png")
+    finally:
+        page.close()
+        for pid in started.values():  # the magic's server outlives the page: stop it by its PID
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+
+
+def test_tensorboard_notebook_reuses_a_running_server(scalar_runs, lab_server, browser, tmp_path):
+    """In the container: the entrypoint's TensorBoard answers on PORT; it is shown, none is started."""
+    runs = scalar_runs
+    port, fallback = free_port(), free_port()
+    log = tmp_path / "tensorboard.log"
+    with open(log, "w") as out:  # stands for the entrypoint's server
+        process = subprocess.Popen(
+            [sys.executable, "-m", "tensorboard.main", "--logdir", str(runs), "--host", "127.0.0.1",
+             "--port", str(port)], stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/data/environment", process, log)
+        before = tensorboard_servers()
+        page, text = run_tensorboard_notebook(browser, lab_server, "tensorboard-reuse", port, fallback)
+        try:
+            assert f"TensorBoard on port {port} (reused), serving {runs}" in text, text
+            assert tensorboard_servers().keys() <= before.keys(), "the notebook started a second TensorBoard"
+            assert_dashboard_in_the_output_iframe(page, port, "tensorboard-notebook-reused.png")
+        finally:
+            page.close()
+    finally:
+        stop(process)

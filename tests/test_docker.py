@@ -7,6 +7,8 @@ libraries really read, and the non-root user.
 """
 from __future__ import annotations
 
+import ast
+import fnmatch
 import json
 import os
 import re
@@ -37,6 +39,11 @@ def dockerfile_instructions(path: Path = ROOT / "Dockerfile") -> list[tuple[str,
             instructions.append((keyword.upper(), rest.strip()))
             current = ""
     return instructions
+
+
+def build_arg_defaults(instructions: list[tuple[str, str]]) -> dict[str, str]:
+    """``ARG NAME=default`` -> {NAME: default}."""
+    return dict(args.split("=", 1) for keyword, args in instructions if keyword == "ARG" and "=" in args)
 
 
 def interpolate(value: str, env: dict[str, str] | None = None) -> str:
@@ -136,7 +143,9 @@ def test_dockerfile_installs_what_make_setup_installs():
     copies = [args for keyword, args in instructions if keyword == "COPY"]
     assert any(c.split()[-2:] == ["requirements.txt", "/workspace/requirements.txt"] for c in copies)
     base = next(args for keyword, args in instructions if keyword == "FROM")
-    assert base.startswith("python:3.11"), base
+    assert base == "${BASE_IMAGE}", base
+    default = build_arg_defaults(instructions)["BASE_IMAGE"]
+    assert default == "python:3.11-slim-bookworm", "the official image is the default base"
 
 
 def test_dockerfile_prefetches_weights_as_the_non_root_user():
@@ -228,3 +237,101 @@ def test_prefetched_resnet34_is_what_fastai_loads(tmp_path):
     target.parent.mkdir(parents=True)
     result = _run_python(code, env)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-2000:]
+
+
+def test_prefetch_check_names_each_missing_file_and_where_it_goes(tmp_path):
+    """What the entrypoint prints for an image built with PREFETCH_WEIGHTS=0, and its exit code."""
+    env = {**os.environ, "FVCORE_CACHE": str(tmp_path / "iopath"), "TORCH_HOME": str(tmp_path / "torch")}
+    check = [sys.executable, "tools/prefetch_weights.py", "--check", "--config", "configs/airbus.yaml"]
+    missing = subprocess.run(check, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert missing.returncode == 1, missing.stderr[-2000:]
+    detector = (tmp_path / "iopath" / "detectron2" / "COCO-InstanceSegmentation" / "mask_rcnn_R_50_FPN_3x"
+                / "137849600" / "model_final_f10217.pkl")
+    classifier = tmp_path / "torch" / "hub" / "checkpoints" / "resnet34-b627a593.pth"
+    assert f"detector weights missing: {detector}" in missing.stdout
+    assert f"classifier weights missing: {classifier}" in missing.stdout
+    assert "https://dl.fbaipublicfiles.com/detectron2/COCO-InstanceSegmentation/" in missing.stdout
+    assert "https://download.pytorch.org/models/resnet34-b627a593.pth" in missing.stdout
+
+    folders = subprocess.run([*check[:2], "--make-folders", *check[3:]], cwd=ROOT, capture_output=True,
+                             text=True, timeout=300, env=env)
+    assert folders.returncode == 0 and detector.parent.is_dir() and classifier.parent.is_dir(), folders.stderr
+    assert not detector.exists() and not classifier.exists()
+    detector.write_bytes(b"stand-in")
+    one_left = subprocess.run(check, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert one_left.returncode == 1 and str(detector) not in one_left.stdout and str(classifier) in one_left.stdout
+    classifier.write_bytes(b"stand-in")
+    both = subprocess.run(check, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert both.returncode == 0 and "pretrained weights present" in both.stdout, both.stdout
+
+
+def _prefetch_step() -> str:
+    return next(args for keyword, args in dockerfile_instructions()
+                if keyword == "RUN" and "tools/prefetch_weights.py" in args)
+
+
+def test_prefetch_weights_build_arg_defaults_to_on_and_0_skips_the_download(tmp_path):
+    """The prefetch RUN step run by sh with a stand-in `python` that records its arguments."""
+    assert build_arg_defaults(dockerfile_instructions())["PREFETCH_WEIGHTS"] == "1"
+    (tmp_path / "python").write_text('#!/bin/sh\necho "python $*"\n')
+    (tmp_path / "python").chmod(0o755)
+    outcomes = {}
+    for value in ("1", "0", "yes"):
+        env = {"PATH": f"{tmp_path}:/usr/bin:/bin", "PREFETCH_WEIGHTS": value}
+        result = subprocess.run(["sh", "-c", _prefetch_step()], capture_output=True, text=True, env=env, timeout=30)
+        outcomes[value] = (result.returncode, result.stdout + result.stderr)
+    assert outcomes["1"] == (0, "python tools/prefetch_weights.py --config configs/airbus.yaml\n")
+    assert outcomes["0"] == (0, "PREFETCH_WEIGHTS=0: no pretrained weights in this image; they go to:\n"
+                                "python tools/prefetch_weights.py --config configs/airbus.yaml --make-folders\n")
+    assert outcomes["yes"][0] != 0 and "must be 0 or 1" in outcomes["yes"][1]
+
+
+def project_imports(module: str) -> set[str]:
+    """The repo's ``module_*`` modules ``module`` imports, directly or through each other."""
+    found, todo = set(), [module]
+    while todo:
+        tree = ast.parse((ROOT / f"{todo.pop()}.py").read_text())
+        for node in ast.walk(tree):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
+            for name in names:
+                if (ROOT / f"{name}.py").is_file() and name not in found:
+                    found.add(name)
+                    todo.append(name)
+    return found
+
+
+def test_prefetch_step_has_every_module_the_config_loader_imports():
+    """The files copied before the prefetch step are enough for prefetch_weights.py's imports."""
+    instructions = dockerfile_instructions()
+    step = instructions.index(("RUN", _prefetch_step()))
+    copied = [args.split()[-2] for keyword, args in instructions[:step] if keyword == "COPY"]
+    needed = {"tools/prefetch_weights.py"} | {f"{m}.py" for m in project_imports("tools/prefetch_weights")}
+    assert "module_config.py" in needed
+    missing = [path for path in needed if not any(fnmatch.fnmatch(path, pattern) for pattern in copied)]
+    assert not missing, f"copied before the prefetch step: {copied}; also needed: {missing}"
+
+
+def _entrypoint(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(["sh", str(ROOT / "docker" / "entrypoint.sh"), *args], capture_output=True, text=True,
+                          env={"PATH": "/usr/bin:/bin", **env}, timeout=30)
+
+
+def test_entrypoint_runs_a_command_instead_of_the_lab():
+    """`docker run IMAGE python run_notebook.py ...` runs that command, no token needed."""
+    result = _entrypoint("echo", "headless", env={})
+    assert (result.returncode, result.stdout) == (0, "headless\n"), result.stderr
+
+
+def test_entrypoint_refuses_to_start_the_lab_without_a_token():
+    result = _entrypoint(env={})
+    assert result.returncode != 0 and "set JUPYTER_TOKEN" in result.stderr
+    result = _entrypoint("--ServerApp.log_level=DEBUG", env={})  # options go to the Lab: token still needed
+    assert result.returncode != 0 and "set JUPYTER_TOKEN" in result.stderr
+
+
+def test_entrypoint_checks_the_weights_without_stopping_the_lab():
+    script = (ROOT / "docker" / "entrypoint.sh").read_text().splitlines()
+    check = next(line for line in script if "prefetch_weights.py --check" in line)
+    assert check.rstrip().endswith("|| true")
+    assert script.index(check) < next(i for i, line in enumerate(script) if "exec jupyter lab" in line)

@@ -1,7 +1,11 @@
 """The detectron2 install: what the patched pb1-detectron2 sdist must give us."""
 from __future__ import annotations
 
+import hashlib
 import importlib
+import io
+import os
+import stat
 import subprocess
 import sys
 import tarfile
@@ -115,3 +119,149 @@ def test_patch_that_does_not_match_fails_loudly(tmp_path):
     (root / "setup.py").write_text("setup(ext_modules=get_extensions())\n")  # not the expected text
     with pytest.raises(SystemExit, match="patch mismatch in setup.py: expected 1 occurrence"):
         install_detectron2.apply_patches(root)
+
+
+# Unpacking the sdist: tarfile's `data` filter where the Python has it (3.11.4+), the explicit
+# checks of safe_member() where it does not (Debian 12's 3.11.2). Both branches run here; on
+# 3.11.2 itself the fallback is exercised by `make docker-test`, which builds the image on Debian
+# 12's python3.11.
+
+def test_data_filter_detection_matches_the_python_version():
+    print(f"Python {sys.version.split()[0]}: data filter {install_detectron2.TAR_HAS_DATA_FILTER}")
+    if sys.version_info[:2] == (3, 11):
+        assert install_detectron2.TAR_HAS_DATA_FILTER == (sys.version_info >= (3, 11, 4))
+
+
+@pytest.fixture(params=["data_filter", "fallback"])
+def tar_branch(request, monkeypatch):
+    """Run the test with tarfile's filter, then as on Python < 3.11.4 (no `filter` argument)."""
+    if request.param == "data_filter":
+        if not install_detectron2.TAR_HAS_DATA_FILTER:
+            pytest.skip(f"Python {sys.version.split()[0]} has no tarfile data filter")
+        return request.param
+    original = tarfile.TarFile.extractall
+
+    def extractall_as_on_3_11_2(self, path=".", members=None, *, numeric_owner=False, **kwargs):
+        if kwargs:
+            raise TypeError(f"TarFile.extractall() got an unexpected keyword argument {next(iter(kwargs))!r}")
+        return original(self, path, members, numeric_owner=numeric_owner)
+
+    monkeypatch.setattr(install_detectron2, "TAR_HAS_DATA_FILTER", False)
+    monkeypatch.setattr(tarfile.TarFile, "extractall", extractall_as_on_3_11_2)
+    return request.param
+
+
+def _member(name: str, kind: bytes = tarfile.REGTYPE, linkname: str = "", mode: int = 0o644) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname, info.mode = kind, linkname, mode
+    return info
+
+
+def _write_tar(path: Path, members: list[tarfile.TarInfo]) -> Path:
+    """A .tar.gz with ``members``; regular files hold their own name as content."""
+    with tarfile.open(path, "w:gz") as tar:
+        for info in members:
+            data = info.name.encode() if info.isreg() else b""
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+@pytest.fixture
+def box(tmp_path) -> Path:
+    """``box/dest`` is where archives are unpacked; nothing else may ever appear in ``box``."""
+    (tmp_path / "box" / "dest").mkdir(parents=True)
+    return tmp_path / "box"
+
+
+def test_extract_tar_unpacks_files_folders_and_links_inside(tar_branch, tmp_path, box):
+    archive = _write_tar(tmp_path / "ok.tar.gz", [
+        _member("pkg", tarfile.DIRTYPE, mode=0o755),
+        _member("pkg/run.sh", mode=0o4777),  # setuid, world-writable: both are dropped
+        _member("pkg/sub/data.txt"),
+        _member("pkg/link", tarfile.SYMTYPE, linkname="sub/data.txt"),
+        _member("pkg/hard", tarfile.LNKTYPE, linkname="pkg/sub/data.txt"),
+    ])
+    dest = box / "dest"
+    install_detectron2.extract_tar(archive, dest)
+    assert (dest / "pkg" / "sub" / "data.txt").read_text() == "pkg/sub/data.txt"
+    assert os.readlink(dest / "pkg" / "link") == "sub/data.txt"
+    assert (dest / "pkg" / "hard").read_text() == "pkg/sub/data.txt"
+    assert stat.S_IMODE((dest / "pkg" / "run.sh").stat().st_mode) == 0o755
+    assert list(box.iterdir()) == [dest]
+
+
+UNSAFE_MEMBERS = {  # what each archive holds after a harmless first file; box/dest is the target
+    "dot-dot": [_member("../evil")],
+    "dot-dot inside a path": [_member("pkg/../../evil")],
+    "symlink to an absolute path": [_member("pkg/link", tarfile.SYMTYPE, linkname="/etc/passwd")],
+    "symlink out of the tree": [_member("pkg/link", tarfile.SYMTYPE, linkname="../../evil")],
+    "hard link out of the tree": [_member("pkg/hard", tarfile.LNKTYPE, linkname="../evil")],
+    "symlink out through an earlier symlink": [
+        _member("pkg/up", tarfile.SYMTYPE, linkname=".."),  # box/dest itself: allowed
+        _member("pkg/up2", tarfile.SYMTYPE, linkname="up/.."),  # box/dest/.. = box: refused
+    ],
+    "file through a symlinked folder": [
+        _member("pkg/here", tarfile.SYMTYPE, linkname="."),
+        _member("pkg/here/../../evil"),
+    ],
+    "character device": [_member("pkg/null", tarfile.CHRTYPE)],
+    "fifo": [_member("pkg/pipe", tarfile.FIFOTYPE)],
+}
+
+
+@pytest.mark.parametrize("case", list(UNSAFE_MEMBERS))
+def test_extract_tar_refuses_members_that_escape_or_are_special(tar_branch, tmp_path, box, case):
+    archive = _write_tar(tmp_path / "bad.tar.gz", [_member("pkg/ok.txt")] + UNSAFE_MEMBERS[case])
+    with pytest.raises(tarfile.TarError) as refused:
+        install_detectron2.extract_tar(archive, box / "dest")
+    print(f"{tar_branch}, {case}: {type(refused.value).__name__}: {refused.value}")
+    assert list(box.iterdir()) == [box / "dest"], "something was written outside the destination"
+
+
+def test_extract_tar_never_writes_to_an_absolute_member_path(tar_branch, tmp_path, box):
+    """The data filter strips the leading '/' and unpacks inside; the fallback refuses outright."""
+    evil = box / "evil"
+    archive = _write_tar(tmp_path / "abs.tar.gz", [_member(str(evil))])
+    if tar_branch == "fallback":
+        with pytest.raises(install_detectron2.UnsafeTarMember, match="absolute path"):
+            install_detectron2.extract_tar(archive, box / "dest")
+    else:
+        install_detectron2.extract_tar(archive, box / "dest")
+        assert (box / "dest" / str(evil).lstrip("/")).is_file()
+    assert not evil.exists()
+
+
+def test_a_refused_member_stops_the_install_with_a_message(monkeypatch, tmp_path):
+    archive = _write_tar(tmp_path / "bad.tar.gz", [_member("../evil")])
+    monkeypatch.setattr(install_detectron2, "SDIST_SHA256", install_detectron2.sha256(archive))
+    monkeypatch.setattr(install_detectron2, "TAR_HAS_DATA_FILTER", False)
+    with pytest.raises(SystemExit, match=r"refusing to unpack .*bad.tar.gz: '../evil': '..' in the path"):
+        install_detectron2.main(["--sdist", str(archive), "--force"])
+
+
+def _tree(root: Path) -> dict[str, tuple]:
+    """Every path under ``root``: (kind, mode bits, link target or content digest)."""
+    tree = {}
+    for path in sorted(root.rglob("*")):
+        st = path.lstat()
+        if path.is_symlink():
+            tree[str(path.relative_to(root))] = ("link", None, os.readlink(path))
+        elif path.is_dir():
+            tree[str(path.relative_to(root))] = ("dir", None, None)
+        else:
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            tree[str(path.relative_to(root))] = ("file", stat.S_IMODE(st.st_mode), digest)
+    return tree
+
+
+def test_both_branches_unpack_the_real_sdist_identically(monkeypatch, tmp_path):
+    """The sdist `make setup` downloaded (.cache/) unpacks to the same files, modes and links."""
+    sdist = ROOT / ".cache" / install_detectron2.SDIST_NAME
+    if not sdist.is_file() or not install_detectron2.TAR_HAS_DATA_FILTER:
+        pytest.skip(f"needs {sdist} (`make setup` downloads it) and Python >= 3.11.4")
+    install_detectron2.extract_tar(sdist, tmp_path / "filter")
+    monkeypatch.setattr(install_detectron2, "TAR_HAS_DATA_FILTER", False)
+    install_detectron2.extract_tar(sdist, tmp_path / "fallback")
+    with_filter, fallback = _tree(tmp_path / "filter"), _tree(tmp_path / "fallback")
+    assert len(with_filter) > 300 and with_filter == fallback

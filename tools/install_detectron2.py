@@ -15,7 +15,9 @@ upstream v0.6's Python code but cannot be installed as published:
   (e) the ``np.int``/``np.float``/``np.str``/``np.bool`` aliases are gone in numpy >= 1.24;
   (f) its ``install_requires`` pins ``black==21.4b2`` and ``iopath<0.1.10`` for no runtime need.
 
-Steps: download (or take ``--sdist PATH``) -> check the sha256 -> patch, where every replacement
+Steps: download (or take ``--sdist PATH``) -> check the sha256 -> unpack safely (tarfile's
+``data`` filter where the Python has it, 3.11.4 and later; on older ones, such as Debian 12's
+3.11.2, :func:`safe_member` applies the same checks) -> patch, where every replacement
 must match the expected number of times or the script stops -> ``pip install
 --no-build-isolation --no-deps`` into the running interpreter's environment. A marker inside the
 installed package records the patch version, so a second run with nothing to do takes well under
@@ -26,6 +28,7 @@ Usage: python tools/install_detectron2.py [--sdist FILE] [--force] [--cache-dir 
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import html.parser
 import importlib.util
@@ -123,6 +126,63 @@ NUMPY_ALIAS_COUNTS = {
     "detectron2/utils/video_visualizer.py": 1,
     "detectron2/utils/visualizer.py": 3,
 }
+
+
+# tarfile's extraction filters (``extractall(filter="data")``) exist from Python 3.11.4 on; Debian
+# 12's python3.11 is 3.11.2. Where they are missing, safe_member() does the checking.
+TAR_HAS_DATA_FILTER = hasattr(tarfile, "data_filter")
+
+
+class UnsafeTarMember(tarfile.TarError):
+    """A tar member that would land outside the destination folder, or is not plain data."""
+
+
+def _inside(path: str, dest: str) -> bool:
+    """Whether ``path``, with every link already on disk resolved, stays inside ``dest``."""
+    real = os.path.realpath(path)
+    return os.path.commonpath([real, dest]) == dest
+
+
+def safe_member(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:
+    """A copy of ``member`` that is safe to extract into ``dest`` (a realpath), or UnsafeTarMember.
+
+    The fallback for Pythons without tarfile's ``data`` filter, with the same rules where it
+    matters: absolute names and ``..`` components are refused; so are names and link targets that
+    resolve outside ``dest`` (through links extracted before this member too, so call it just
+    before extracting each member, in order) and anything but files, folders and links. The copy
+    has no owner (the extracting user's), no setuid/setgid/sticky bits and no group/other write.
+    """
+    name = member.name
+    if name.startswith("/") or os.path.isabs(name):
+        raise UnsafeTarMember(f"{name!r}: absolute path")
+    if ".." in name.replace(os.sep, "/").split("/"):
+        raise UnsafeTarMember(f"{name!r}: '..' in the path")
+    if not (member.isreg() or member.isdir() or member.issym() or member.islnk()):
+        raise UnsafeTarMember(f"{name!r}: not a file, folder or link (device or FIFO)")
+    if not _inside(os.path.join(dest, name), dest):
+        raise UnsafeTarMember(f"{name!r}: resolves outside {dest}")
+    if member.issym() or member.islnk():
+        if os.path.isabs(member.linkname):
+            raise UnsafeTarMember(f"{name!r}: link to the absolute path {member.linkname!r}")
+        # a symlink's target is relative to its folder, a hard link's to the archive's root
+        base = os.path.dirname(name) if member.issym() else ""
+        if not _inside(os.path.join(dest, base, member.linkname), dest):
+            raise UnsafeTarMember(f"{name!r}: link to {member.linkname!r}, outside {dest}")
+    safe = copy.copy(member)
+    safe.mode = member.mode & 0o755 | (0o700 if member.isdir() else 0o600)
+    safe.uid, safe.gid, safe.uname, safe.gname = os.getuid(), os.getgid(), "", ""
+    return safe
+
+
+def extract_tar(archive: Path, dest: Path) -> None:
+    """Unpack ``archive`` into ``dest``, refusing members that would write outside it."""
+    with tarfile.open(archive) as tar:
+        if TAR_HAS_DATA_FILTER:
+            tar.extractall(dest, filter="data")
+            return
+        real_dest = os.path.realpath(dest)
+        for member in tar.getmembers():  # in order: each check sees the links extracted before it
+            tar.extract(safe_member(member, real_dest), real_dest)
 
 
 class _LinkParser(html.parser.HTMLParser):
@@ -240,8 +300,10 @@ def main(argv=None) -> int:
         raise SystemExit(f"[detectron2] sha256 of {sdist} is {digest}, expected {SDIST_SHA256}")
 
     with tempfile.TemporaryDirectory(prefix="d2-build-") as tmp:
-        with tarfile.open(sdist) as tar:
-            tar.extractall(tmp, filter="data")
+        try:
+            extract_tar(sdist, Path(tmp))
+        except tarfile.TarError as exc:
+            raise SystemExit(f"[detectron2] refusing to unpack {sdist}: {exc}") from None
         root = Path(tmp) / "pb1-detectron2-0.6"
         apply_patches(root)
         print("[detectron2] patched; installing", flush=True)
