@@ -517,6 +517,13 @@ def measure_batch_seconds(learn: Learner, precision: str, warmup: int = 2, steps
 EPOCH_OVERHEAD_S = 1.0
 
 
+def epochs_for_budget(budget_s: float, epoch_s: float, fixed_s: float = 0.0) -> tuple[int, float]:
+    """``(epochs, exact fit)``: whole epochs of ``epoch_s`` seconds that fit in ``budget_s`` after
+    ``fixed_s`` seconds of other work; at least one epoch (the exact fit may be below 1)."""
+    fit = (budget_s - fixed_s) / epoch_s
+    return max(1, int(fit)), fit
+
+
 def plan_epochs(cfg, learn: Learner, margin: float = 0.05) -> dict:
     """The number of one-cycle epochs that ends training, the validation report and the export
     inside ``CLASSIFIER.TIME_BUDGET_MIN``, from the speeds :func:`measure_batch_seconds` measures
@@ -530,8 +537,7 @@ def plan_epochs(cfg, learn: Learner, margin: float = 0.05) -> dict:
     calibration_s = (cfg.CLASSIFIER.INT8_CALIBRATION_IMAGES / cfg.CLASSIFIER.BATCH_SIZE * s_valid
                      if cfg.CLASSIFIER.PRECISION == "int8" else 0.0)
     budget_s = 60 * cfg.CLASSIFIER.TIME_BUDGET_MIN * (1 - margin) - (time.time() - started)
-    fit = (budget_s - report_s - calibration_s) / epoch_s
-    epochs = max(1, int(fit))
+    epochs, fit = epochs_for_budget(budget_s, epoch_s, report_s + calibration_s)
     plan = {"budget_min": float(cfg.CLASSIFIER.TIME_BUDGET_MIN), "configured_epochs": int(cfg.CLASSIFIER.EPOCHS),
             "epochs": epochs, "s_per_train_batch": s_train, "s_per_valid_batch": s_valid, "train_batches": n_train,
             "valid_batches": n_valid, "expected_s": epochs * epoch_s + report_s + calibration_s,
@@ -642,6 +648,7 @@ def train_classifier(cfg, train_dicts: Sequence[dict], val_dicts: Sequence[dict]
     loss_func = get_loss(cfg, frame)
     dls = build_dataloaders(cfg, frame)
     learn = build_learner(cfg, dls, loss_func, out_dir)
+    learn.tile_size = int(cfg.DATA.IMAGE_SIZE)  # what ReducedImageOpener enforces; travels in the export
     lr = cfg.CLASSIFIER.LR
     if cfg.CLASSIFIER.PRETRAINED:
         # Satellite tiles are far from ImageNet: train the whole body, at a tenth of the head's LR.
@@ -809,12 +816,36 @@ def predict_p_ship(learner: Learner, image_paths: Sequence[str | os.PathLike], b
     return result
 
 
+def predict_p_ship_arrays(learner: Learner, images: Sequence[np.ndarray], batch_size: int = 64, tta: bool = False,
+                          precision: str = "auto", progress: bool = False) -> np.ndarray:
+    """Probability that each in-memory tile holds a ship: ``(H, W, 3)`` uint8 RGB arrays -> ``(N,)``
+    float32 in [0, 1], in order (scene tiles, ``module_detect``).
+
+    The same path as :func:`predict_p_ship` (the learner's test pipeline: opener, squish resize to
+    ``CLASSIFIER.IMAGE_SIZE``, ImageNet normalisation; the same batches, ``precision``, flip ``tta``),
+    minus the file: no decoding and no tile-size check, so a tile of any size is resized. The
+    result equals :func:`predict_p_ship` on files holding the same pixels, except that a JPEG file
+    may be decoded at reduced scale (DCT scaling) where an array is resized.
+    """
+    images = list(images)
+    for i, image in enumerate(images):
+        if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(f"image {i}: expected an (H, W, 3) uint8 RGB array, got "
+                             f"{getattr(image, 'shape', type(image))} {getattr(image, 'dtype', '')}")
+    if resolve_precision(precision, "cpu") == "int8":  # a missing int8 calibration fails before any work
+        int8_model(learner)
+    if not images:
+        return np.empty(0, dtype=np.float32)
+    # As PIL images the test pipeline starts after the opener (fastai drops the type transforms
+    # that come before an item's type), as for learn.predict(PILImage); in memory: no workers.
+    items = [PILImage.create(image) for image in images]
+    return _predict_batches(learner, items, batch_size, tta, 0, progress, precision)
+
+
 def _opener_image_size(learner: Learner) -> int | None:
-    """The tile size the learner's image opener enforces (``DATA.IMAGE_SIZE`` at training), or None."""
-    for transform in learner.dls.train_ds.tls[0].tfms.fs:
-        if isinstance(transform, ReducedImageOpener):
-            return getattr(transform, "image_size", None)
-    return None
+    """The tile size the learner's image opener enforces (``DATA.IMAGE_SIZE`` at training, recorded on
+    the learner as ``tile_size`` and exported with it), or None for exports that do not record it."""
+    return getattr(learner, "tile_size", None)
 
 
 def _predict_batches(learner: Learner, paths: list[Path], batch_size: int, tta: bool, num_workers: int,
@@ -822,7 +853,8 @@ def _predict_batches(learner: Learner, paths: list[Path], batch_size: int, tta: 
     """p_ship of readable ``paths`` (float32, in order): forward passes under
     :func:`autocast_context` (or through :func:`int8_model`), softmax and TTA mean in float32."""
     ship = list(learner.dls.vocab).index(SHIP)
-    dl = learner.dls.test_dl([str(p) for p in paths], bs=batch_size,
+    items = [str(p) if isinstance(p, (str, os.PathLike)) else p for p in paths]  # files, or PIL images (arrays)
+    dl = learner.dls.test_dl(items, bs=batch_size,
                              num_workers=num_workers, shuffle=False, drop_last=False)
     device = next(learner.model.parameters()).device
     resolved = resolve_precision(precision, device)

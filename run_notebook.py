@@ -238,6 +238,9 @@ def main(args: argparse.Namespace) -> dict:
     from module_preprocessing import check_input_layout
     from module_synthetic import prepare_synthetic_input
 
+    from module_config import setup_logging
+
+    setup_logging()
     started = time.perf_counter()
     cfg = get_cfg_from_args(args)
     run_dir = get_run_dir(cfg)

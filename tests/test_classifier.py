@@ -1,11 +1,13 @@
-"""module_classifier: real fastai ResNet34 (random init) at 64 px, 1 epoch, on CPU.
+"""module_classifier: the real fastai ResNet34 of ``configs/tiny.yaml`` (random init) at 64 px, 1 epoch, on CPU.
 
 One module-scoped training on a hand-built dataset (PNG/JPEG tiles with and without a bright
 hull) serves the export/reload, CSV and bad-input tests; the generated Kaggle-format data and the
-real Kaggle sample each get their own 1-epoch run through the public entry points.
+real Kaggle sample each get their own 1-epoch run through the public entry points. Configs come
+from conftest's ``tiny_cfg`` / ``make_tiny_cfg`` (``configs/tiny.yaml``).
 """
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 
@@ -16,18 +18,9 @@ import torch
 from PIL import Image
 
 import module_classifier as mc
-from module_config import get_cfg
+import module_config
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
-TINY = ["CLASSIFIER.IMAGE_SIZE", "64", "CLASSIFIER.EPOCHS", "1", "CLASSIFIER.BATCH_SIZE", "4",
-        "CLASSIFIER.NUM_WORKERS", "0", "CLASSIFIER.PRETRAINED", "False", "CLASSIFIER.TTA", "False",
-        "CLASSIFIER.LR", "1e-3"]  # pinned: the demo tunes its own LR for 1,000 images
-
-
-def tiny_cfg(tmp: Path, *opts: str):
-    return get_cfg(DEMO_CONFIG, ["PATHS.RUNS_DIR", str(tmp / "runs"), "PATHS.INPUT_DIR", str(tmp / "input"),
-                                 *TINY, *opts])
+LR = ["CLASSIFIER.LR", "1e-3"]  # pinned: the demo's LR (tiny inherits it) is tuned for 1,000 images; 24 saturate
 
 
 def write_tile(path: Path, rng: np.random.Generator, ship: bool, size: int = 64) -> dict:
@@ -44,8 +37,8 @@ def write_tile(path: Path, rng: np.random.Generator, ship: bool, size: int = 64)
 
 
 @pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    """24 train + 8 val hand-built tiles (a third with a ship), PNG and JPEG mixed."""
+def tiles(tmp_path_factory):
+    """24 train + 8 val hand-built 64 px tiles (a third with a ship), PNG and JPEG mixed."""
     root = tmp_path_factory.mktemp("tiny")
     (root / "images").mkdir()
     rng = np.random.default_rng(0)
@@ -55,11 +48,11 @@ def tiny_data(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_data):
-    """(cfg, in-memory learner, export path) of one 1-epoch run on ``tiny_data``."""
-    root, train_dicts, val_dicts = tiny_data
-    cfg = tiny_cfg(root)
-    export = mc.train_classifier(cfg, train_dicts, val_dicts)
+def trained(tiles, make_tiny_cfg):
+    """(cfg, export path) of one 1-epoch run of the tiny config on ``tiles``."""
+    root, train_dicts, val_dicts = tiles
+    cfg = make_tiny_cfg(root / "runs", *LR)
+    export = mc.train_classifier(cfg, train_dicts, val_dicts)["export"]
     return cfg, export
 
 
@@ -81,15 +74,6 @@ def test_threshold_table_by_hand():
     assert table.loc[0.5, "kept_fraction"] == pytest.approx(0.4)
     # nothing kept: precision is 1 by convention, recall 0
     assert table.loc[0.95, ["tp", "fp", "precision", "recall", "kept_fraction"]].tolist() == [0, 0, 1.0, 0.0, 0.0]
-
-
-@pytest.mark.parametrize("opts, expected", [
-    (["CLASSIFIER.EPOCHS=2"], ["CLASSIFIER.EPOCHS", "2"]),
-    (["CLASSIFIER.EPOCHS", "2", "PATHS.RUN_NAME=a=b"], ["CLASSIFIER.EPOCHS", "2", "PATHS.RUN_NAME", "a=b"]),
-    ([], []),
-])
-def test_parse_overrides(opts, expected):
-    assert mc.parse_overrides(opts) == expected
 
 
 def test_roc_auc_is_nan_for_one_class():
@@ -126,14 +110,39 @@ def test_training_writes_export_history_report_and_tensorboard(trained):
     events = EventAccumulator(str(out_dir)).Reload()
     tags = events.Tags()["scalars"]
     assert {"train_loss", "valid_loss", "roc_auc", "precision_ship", "recall_ship"} <= set(tags)
-    assert len(events.Scalars("train_loss")) == 6  # 24 images / batch 4
+    assert len(events.Scalars("train_loss")) == 24 // cfg.CLASSIFIER.BATCH_SIZE  # one per training batch
 
 
-def test_export_reload_gives_identical_probabilities(trained, tiny_data, learner):
+def test_an_export_of_the_same_config_and_data_is_reused_and_fresh_trains_again(trained, tiles, make_tiny_cfg,
+                                                                                tmp_path, caplog):
+    cfg, export = trained
+    _, train_dicts, val_dicts = tiles
+    # the trained run's classifier folder, in another run folder: same config and data, other PATHS
+    copy_cfg = make_tiny_cfg(tmp_path / "runs", *LR)
+    folder = module_config.get_classifier_dir(copy_cfg)
+    shutil.copytree(export.parent, folder)
+    copied = folder / "export.pkl"
+    stamp = copied.stat().st_mtime_ns
+    with caplog.at_level(logging.INFO, logger="module_classifier"):
+        paths = mc.train_classifier(copy_cfg, train_dicts, val_dicts)
+    assert "reused" in caplog.text and paths["export"] == copied and copied.stat().st_mtime_ns == stamp
+    assert set(paths) == {"export", "fingerprint", "history", "val_predictions", "val_thresholds",
+                          "val_thresholds_plot"} and all(p.is_file() for p in paths.values())
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="module_classifier"):
+        paths = mc.train_classifier(copy_cfg, train_dicts, val_dicts, fresh=True)
+    assert "reused" not in caplog.text and "training again" in caplog.text
+    assert paths["export"].is_file() and paths["export"].stat().st_mtime_ns != stamp
+    set_aside = [p for p in folder.parent.iterdir() if p.name.startswith("classifier.old-")]
+    assert len(set_aside) == 1 and set_aside[0].name in caplog.text  # moved aside, not deleted, and said so
+    assert (set_aside[0] / "export.pkl").stat().st_mtime_ns == stamp
+
+
+def test_export_reload_gives_identical_probabilities(trained, tiles, learner):
     from fastai.vision.all import load_learner
 
     cfg, export = trained
-    _, _, val_dicts = tiny_data
+    _, _, val_dicts = tiles
     paths = [d["file_name"] for d in val_dicts]
     # fp32: learn.predict below runs fp32, and bf16 differs from it by ~5e-3, not 1e-5.
     first = mc.predict_p_ship(learner, paths, batch_size=3, precision="fp32")
@@ -162,31 +171,29 @@ def test_flip_tta_is_the_mean_over_the_four_flips(tmp_path, learner):
     assert tta["p_ship"].iloc[0] == pytest.approx(plain["p_ship"].mean(), abs=1e-6)
 
 
-def test_predict_cli_writes_every_image(trained, tiny_data, tmp_path):
+def test_predict_cli_writes_every_image(trained, tiles, tmp_path, tiny_config):
     cfg, export = trained
-    root, _, _ = tiny_data
+    root, _, _ = tiles
     out = tmp_path / "sub" / "p_ship.csv"
     args = mc.get_args_parser().parse_args(
-        ["predict", "--config", str(DEMO_CONFIG), "--images", str(root / "images"), "--out", str(out),
+        ["predict", "--config", str(tiny_config), "--images", str(root / "images"), "--out", str(out),
          "--tta", "--model", str(export), "CLASSIFIER.BATCH_SIZE=16", "CLASSIFIER.NUM_WORKERS", "0"])
     assert mc.main(args) == out
     assert out.read_text().splitlines()[0] == "ImageId,p_ship"
     table = pd.read_csv(out)
     assert table["ImageId"].tolist() == sorted(p.name for p in (root / "images").iterdir())
     assert table["p_ship"].between(0.0, 1.0).all()
+    assert pd.read_csv(out.parent / "p_ship_failures.csv").empty  # the failure report is always written
     assert not list(out.parent.glob(".*tmp*"))  # the atomic writer left no temporary file
 
 
-def test_cli_trains_on_generated_data(tmp_path):
-    pytest.importorskip("module_synthetic")
-    pytest.importorskip("module_preprocessing")
+def test_cli_generates_the_data_and_trains_on_it(tmp_path, tiny_config):
     args = mc.get_args_parser().parse_args(
-        ["train", "--config", str(DEMO_CONFIG), "PATHS.RUNS_DIR", str(tmp_path / "runs"),
-         "PATHS.INPUT_DIR", str(tmp_path / "input"), "SYNTH.N_TRAIN=40", "SYNTH.N_TEST=4",
-         "SYNTH.IMAGE_SIZE=128", "DATA.IMAGE_SIZE=128", "DATA.VAL_FRACTION=0.25",
-         *[f"{k}={v}" for k, v in zip(TINY[::2], TINY[1::2])], "CLASSIFIER.BALANCE=sampler"])
-    export = mc.main(args)
-    assert export == tmp_path / "runs" / "demo" / "classifier" / "export.pkl"
+        ["train", "--config", str(tiny_config), "PATHS.RUNS_DIR", str(tmp_path / "runs"),
+         "PATHS.INPUT_DIR", str(tmp_path / "input"), "CLASSIFIER.BALANCE=sampler", "=".join(LR)])
+    assert not args.fresh
+    export = mc.main(args)["export"]  # the command line generated tiny.yaml's synthetic dataset first
+    assert export == tmp_path / "runs" / "tiny" / "classifier" / "export.pkl"
     predictions = pd.read_csv(export.parent / "val_predictions.csv")
     truth = pd.read_csv(tmp_path / "input" / "train_ship_segmentations_v2.csv")
     has_ship = truth.groupby("ImageId")["EncodedPixels"].apply(lambda s: s.notna().any())
@@ -196,10 +203,9 @@ def test_cli_trains_on_generated_data(tmp_path):
 
 
 @pytest.mark.parametrize("balance, ship_share", [("sampler", 0.5), ("weights", 1 / 3)])
-def test_balanced_sampler_draws_half_ship_tiles_and_leaves_validation_alone(tiny_data, tmp_path, balance,
-                                                                             ship_share):
-    _, train_dicts, val_dicts = tiny_data  # a third of the tiles hold a ship
-    cfg = tiny_cfg(tmp_path, "CLASSIFIER.BALANCE", balance)
+def test_balanced_sampler_draws_half_ship_tiles_and_leaves_validation_alone(tiles, tiny_cfg, balance, ship_share):
+    _, train_dicts, val_dicts = tiles  # a third of the tiles hold a ship
+    cfg = tiny_cfg("CLASSIFIER.BALANCE", balance, *LR)
     frame = mc.get_label_frame(train_dicts, val_dicts)
     dls = mc.build_dataloaders(cfg, frame)
     labels = dls.train.items["label"].to_numpy()
@@ -209,13 +215,14 @@ def test_balanced_sampler_draws_half_ship_tiles_and_leaves_validation_alone(tiny
     assert sorted(dls.valid.get_idxs()) == list(range(len(val_dicts)))  # every validation tile, once
 
 
-def test_trains_on_the_real_kaggle_sample(airbus_images, airbus_truth_csv, tmp_path):
-    preprocessing = pytest.importorskip("module_preprocessing")
+def test_trains_on_the_real_kaggle_sample(airbus_images, airbus_truth_csv, tiny_cfg):
+    import module_preprocessing as preprocessing
+
     dicts = preprocessing.load_dataset_dicts(airbus_truth_csv, airbus_images)
     assert len(dicts) == 64 and sum(bool(d["annotations"]) for d in dicts) == 40
     train_dicts, val_dicts = preprocessing.split_train_val(dicts, val_fraction=0.25, seed=0)
-    cfg = tiny_cfg(tmp_path)
-    learner = mc.load_classifier(mc.train_classifier(cfg, train_dicts, val_dicts))
+    cfg = tiny_cfg("DATA.IMAGE_SIZE", "768", *LR)  # Kaggle's tiles, decoded small for a 64 px model
+    learner = mc.load_classifier(mc.train_classifier(cfg, train_dicts, val_dicts)["export"])
     predictions = mc.predict_p_ship(learner, [d["file_name"] for d in val_dicts], batch_size=16)
     assert predictions["ImageId"].tolist() == [d["image_id"] for d in val_dicts]
     assert predictions["p_ship"].between(0, 1).all()
@@ -224,8 +231,8 @@ def test_trains_on_the_real_kaggle_sample(airbus_images, airbus_truth_csv, tmp_p
 # ---------------------------------------------------------------- precision
 
 
-def test_bf16_probabilities_are_close_to_fp32(learner, tiny_data):
-    _, train_dicts, val_dicts = tiny_data
+def test_bf16_probabilities_are_close_to_fp32(learner, tiles):
+    _, train_dicts, val_dicts = tiles
     paths = [d["file_name"] for d in train_dicts + val_dicts]
     fp32 = mc.predict_p_ship(learner, paths, batch_size=16, tta=True, precision="fp32")
     bf16 = mc.predict_p_ship(learner, paths, batch_size=16, tta=True, precision="bf16")
@@ -272,20 +279,22 @@ def test_native_bf16_check_survives_a_missing_op(monkeypatch):
 
 
 @pytest.mark.parametrize("precision", ["fp16", "FP32", "", "bfloat16"])
-def test_invalid_precision_names_the_key_and_the_choices(learner, tiny_data, tmp_path, precision):
-    _, train_dicts, val_dicts = tiny_data
+def test_invalid_precision_names_the_key_and_the_choices(learner, tiles, tiny_cfg, tmp_path, precision):
+    _, train_dicts, val_dicts = tiles
     message = rf"CLASSIFIER.PRECISION {precision!r}: expected one of \('auto', 'fp32', 'bf16', 'int8'\)"
     with pytest.raises(ValueError, match=message):
         mc.predict_p_ship(learner, [val_dicts[0]["file_name"]], precision=precision)
-    with pytest.raises(ValueError, match=message):
-        mc.train_classifier(tiny_cfg(tmp_path, "CLASSIFIER.PRECISION", precision), train_dicts, val_dicts)
-    assert not (tmp_path / "runs" / "demo" / "classifier" / "export.pkl").exists()
+    # in a config, the range check of get_cfg says it before anything is trained
+    with pytest.raises(ValueError, match=rf"CLASSIFIER.PRECISION is {precision!r}; expected one of 'auto', 'fp32', "
+                                         r"'bf16', 'int8'"):
+        tiny_cfg("CLASSIFIER.PRECISION", precision)
+    assert not (tmp_path / "runs" / "tiny" / "classifier" / "export.pkl").exists()
 
 
-def test_int8_is_calibrated_at_training_exported_and_close_to_fp32(tiny_data, tmp_path):
-    _, train_dicts, val_dicts = tiny_data
-    cfg = tiny_cfg(tmp_path, "CLASSIFIER.PRECISION", "int8", "CLASSIFIER.INT8_CALIBRATION_IMAGES", "12")
-    export = mc.train_classifier(cfg, train_dicts, val_dicts)
+def test_int8_is_calibrated_at_training_exported_and_close_to_fp32(tiles, tiny_cfg, tiny_config, tmp_path):
+    _, train_dicts, val_dicts = tiles
+    cfg = tiny_cfg("CLASSIFIER.PRECISION", "int8", "CLASSIFIER.INT8_CALIBRATION_IMAGES", "12", *LR)
+    export = mc.train_classifier(cfg, train_dicts, val_dicts)["export"]
     learner = mc.load_classifier(export)
     observers = learner.int8_observers  # calibrated before the export, and carried by it
     assert observers and all("activation_post_process" in k for k in observers)
@@ -307,19 +316,19 @@ def test_int8_is_calibrated_at_training_exported_and_close_to_fp32(tiny_data, tm
     # ... and so does the command line with the same override.
     root, out = Path(val_dicts[0]["file_name"]).parent, tmp_path / "p_ship_int8.csv"
     mc.main(mc.get_args_parser().parse_args(
-        ["predict", "--config", str(DEMO_CONFIG), "--images", str(root), "--out", str(out), "--no-tta",
+        ["predict", "--config", str(tiny_config), "--images", str(root), "--out", str(out), "--no-tta",
          "--model", str(export), "CLASSIFIER.NUM_WORKERS", "0", "CLASSIFIER.PRECISION", "int8"]))
     cli = pd.read_csv(out).set_index("ImageId")["p_ship"]
     direct = mc.predict_p_ship(learner, [root / name for name in cli.index], precision="int8")
     np.testing.assert_allclose(cli.to_numpy(), direct["p_ship"], atol=1e-5)  # the CSV keeps 6 decimals
 
 
-def test_int8_without_calibration_says_how(trained, tiny_data):
+def test_int8_without_calibration_says_how(trained, tiles):
     learner = mc.load_classifier(trained[1])  # trained at the demo's precision: no int8 calibration
     assert not getattr(learner, "int8_observers", None)
     with pytest.raises(ValueError, match="carries no int8 calibration.*calibrate_int8"):
         mc.predict_p_ship(learner, ["no/such/image.jpg"], precision="int8")  # before any image is read
-    _, train_dicts, val_dicts = tiny_data
+    _, train_dicts, val_dicts = tiles
     mc.calibrate_int8(learner, [d["file_name"] for d in train_dicts[:8]], batch_size=4, progress=False)
     p_ship = mc.predict_p_ship(learner, [d["file_name"] for d in val_dicts], precision="int8")
     assert p_ship["p_ship"].between(0.0, 1.0).all()
@@ -417,8 +426,8 @@ def test_training_precision_is_fp32_on_cuda():
 # ---------------------------------------------------------------- bad input
 
 
-def test_missing_image_errors_or_is_skipped(learner, tiny_data):
-    _, _, val_dicts = tiny_data
+def test_missing_image_errors_or_is_skipped(learner, tiles):
+    _, _, val_dicts = tiles
     paths = [Path(d["file_name"]) for d in val_dicts[:3]]
     gone = paths[0].with_name("gone.jpg")
     with pytest.raises(FileNotFoundError, match="gone.jpg"):
@@ -428,33 +437,77 @@ def test_missing_image_errors_or_is_skipped(learner, tiny_data):
     assert result.attrs["skipped"] == [str(gone)]
 
 
-@pytest.mark.parametrize("corruption", ["truncated", "not_an_image", "empty"])
-def test_corrupt_image_errors_or_is_skipped(learner, tiny_data, tmp_path, corruption):
-    _, _, val_dicts = tiny_data
+@pytest.mark.parametrize("corruption", ["truncated", "truncated_end_marker_restored", "not_an_image", "empty"])
+def test_corrupt_image_errors_or_is_skipped(learner, tiles, tmp_path, corruption):
+    _, _, val_dicts = tiles
     good = Path(val_dicts[0]["file_name"])
     bad = tmp_path / "bad.jpg"
     jpeg = tmp_path / "full.jpg"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(jpeg, quality=95)
-    content = {"truncated": jpeg.read_bytes()[: jpeg.stat().st_size // 2],
+    half = jpeg.read_bytes()[: jpeg.stat().st_size // 2]
+    content = {"truncated": half, "truncated_end_marker_restored": half + b"\xff\xd9",
                "not_an_image": b"ImageId,EncodedPixels\n", "empty": b""}[corruption]
     bad.write_bytes(content)
     with pytest.raises(ValueError, match="bad.jpg"):
         mc.predict_p_ship(learner, [good, bad])
     result = mc.predict_p_ship(learner, [good, bad], on_bad_image="skip")
     assert result["ImageId"].tolist() == [good.name] and result.attrs["skipped"] == [str(bad)]
+    assert len(result.attrs["reasons"]) == 1 and "cannot decode" in result.attrs["reasons"][0]
 
 
-def test_bad_image_policy_is_checked(learner, tiny_data):
+def test_an_image_of_another_size_than_the_training_tiles_is_rejected(learner, tiles, tmp_path):
+    """The model was trained on tiny.yaml's 64 px tiles (DATA.IMAGE_SIZE, kept in the export): a
+    512 px image is a bad image, not silently shrunk."""
+    _, _, val_dicts = tiles
+    good = Path(val_dicts[0]["file_name"])
+    big = tmp_path / "big.png"
+    Image.fromarray(np.full((512, 512, 3), 90, np.uint8)).save(big)
+    with pytest.raises(ValueError, match=r"big.png: size 512x512, expected 64x64"):
+        mc.predict_p_ship(learner, [good, big])
+    opener = mc.ReducedImageOpener(64, 64)
+    assert np.asarray(opener(good)).shape == (64, 64, 3)
+    with pytest.raises(ValueError, match="expected 64x64"):
+        opener(big)
+    result = mc.predict_p_ship(learner, [good, big], on_bad_image="skip")
+    assert result["ImageId"].tolist() == [good.name] and result.attrs["skipped"] == [str(big)]
+    assert result.attrs["reasons"] == ["size 512x512, expected 64x64"]
+
+
+def test_predict_cli_skips_bad_images_into_a_report_and_fails_over_the_limit(trained, tiles, tmp_path, tiny_config):
+    import module_files
+
+    _, export = trained
+    _, _, val_dicts = tiles
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    good = Path(val_dicts[0]["file_name"])
+    shutil.copy(good, folder / good.name)
+    (folder / "cut.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a whole jpeg")
+    out = tmp_path / "p_ship.csv"
+    argv = ["predict", "--config", str(tiny_config), "--images", str(folder), "--out", str(out), "--model", str(export),
+            "--on-bad-image", "skip"]
+    assert mc.main(mc.get_args_parser().parse_args([*argv, "--max-failed", "1"])) == out  # one failure allowed
+    assert pd.read_csv(out)["ImageId"].tolist() == [good.name]
+    report = pd.read_csv(tmp_path / "p_ship_failures.csv")
+    assert report["ImageId"].tolist() == ["cut.jpg"] and "cannot decode" in report["reason"].iloc[0]
+    out.unlink()
+    with pytest.raises(module_files.TooManyFailures, match="1 of 2 images .*p_ship_failures.csv"):
+        mc.main(mc.get_args_parser().parse_args(argv))  # SUBMIT.MAX_FAILED 0.01 of 2 images: none allowed
+    assert pd.read_csv(out)["ImageId"].tolist() == [good.name]  # written anyway, and so is the report
+    assert pd.read_csv(tmp_path / "p_ship_failures.csv")["ImageId"].tolist() == ["cut.jpg"]
+
+
+def test_bad_image_policy_is_checked(learner, tiles):
     with pytest.raises(ValueError, match="'error', 'skip'"):
-        mc.predict_p_ship(learner, [tiny_data[1][0]["file_name"]], on_bad_image="ignore")
+        mc.predict_p_ship(learner, [tiles[1][0]["file_name"]], on_bad_image="ignore")
 
 
-def test_predict_cli_empty_or_missing_folder(trained, tmp_path):
+def test_predict_cli_empty_or_missing_folder(trained, tmp_path, tiny_config):
     _, export = trained
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("no images here")
     parser = mc.get_args_parser()
-    base = ["predict", "--config", str(DEMO_CONFIG), "--out", str(tmp_path / "p.csv"), "--model", str(export)]
+    base = ["predict", "--config", str(tiny_config), "--out", str(tmp_path / "p.csv"), "--model", str(export)]
     with pytest.raises(ValueError, match="holds no .jpg"):
         mc.main(parser.parse_args([*base, "--images", str(tmp_path / "empty")]))
     with pytest.raises(FileNotFoundError, match="nowhere"):
@@ -462,27 +515,26 @@ def test_predict_cli_empty_or_missing_folder(trained, tmp_path):
     assert not (tmp_path / "p.csv").exists()
 
 
-def test_predict_cli_without_a_trained_model(tiny_data, tmp_path):
-    root, _, _ = tiny_data
+def test_predict_cli_without_a_trained_model(tiles, tmp_path, tiny_config):
+    root, _, _ = tiles
     args = mc.get_args_parser().parse_args(
-        ["predict", "--config", str(DEMO_CONFIG), "--images", str(root / "images"), "--out", str(tmp_path / "p.csv"),
+        ["predict", "--config", str(tiny_config), "--images", str(root / "images"), "--out", str(tmp_path / "p.csv"),
          "PATHS.RUNS_DIR", str(tmp_path / "runs")])
     with pytest.raises(FileNotFoundError, match="export.pkl does not exist; train one first"):
         mc.main(args)
 
 
-def test_train_cli_with_missing_data(tmp_path):
-    pytest.importorskip("module_preprocessing")
+def test_train_cli_with_missing_data(tmp_path, repo_root):
     args = mc.get_args_parser().parse_args(
-        ["train", "--config", str(REPO_ROOT / "configs" / "airbus.yaml"), "PATHS.INPUT_DIR", str(tmp_path / "nodata"),
+        ["train", "--config", str(repo_root / "configs" / "airbus.yaml"), "PATHS.INPUT_DIR", str(tmp_path / "nodata"),
          "PATHS.RUNS_DIR", str(tmp_path / "runs")])
     with pytest.raises(FileNotFoundError, match="nodata"):
         mc.main(args)
 
 
-def test_training_dicts_with_missing_file_or_one_class(tiny_data, tmp_path):
-    _, train_dicts, val_dicts = tiny_data
-    cfg = tiny_cfg(tmp_path)
+def test_training_dicts_with_missing_file_or_one_class(tiles, tiny_cfg, tmp_path):
+    _, train_dicts, val_dicts = tiles
+    cfg = tiny_cfg()
     moved = dict(train_dicts[0], file_name=str(tmp_path / "moved.jpg"))
     with pytest.raises(FileNotFoundError, match="moved.jpg"):
         mc.train_classifier(cfg, [moved, *train_dicts[1:]], val_dicts)
@@ -490,33 +542,33 @@ def test_training_dicts_with_missing_file_or_one_class(tiny_data, tmp_path):
         mc.train_classifier(cfg, [d for d in train_dicts if not d["annotations"]], val_dicts)
     with pytest.raises(ValueError, match="0 validation"):
         mc.train_classifier(cfg, train_dicts, [])
-    with pytest.raises(ValueError, match="CLASSIFIER.BALANCE 'oversample'"):
-        mc.train_classifier(tiny_cfg(tmp_path, "CLASSIFIER.BALANCE", "oversample"), train_dicts, val_dicts)
-    assert not (tmp_path / "runs" / "demo" / "classifier" / "export.pkl").exists()
+    with pytest.raises(ValueError, match="CLASSIFIER.BALANCE is 'oversample'; expected one of 'weights', 'sampler'"):
+        tiny_cfg("CLASSIFIER.BALANCE", "oversample")  # the config's range check, before any training
+    assert not (tmp_path / "runs" / "tiny" / "classifier" / "export.pkl").exists()
 
 
-def test_pretrained_offline_says_where_the_weights_go(tiny_data, tmp_path, monkeypatch):
-    _, train_dicts, val_dicts = tiny_data
+def test_pretrained_offline_says_where_the_weights_go(tiles, tiny_cfg, tmp_path, monkeypatch):
+    _, train_dicts, val_dicts = tiles
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # an empty hub cache
 
     def offline(*args, **kwargs):
         raise OSError("[Errno -3] Temporary failure in name resolution")
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
-    cfg = tiny_cfg(tmp_path, "CLASSIFIER.PRETRAINED", "True")
+    cfg = tiny_cfg("CLASSIFIER.PRETRAINED", "True")
     expected = tmp_path / "torch" / "hub" / "checkpoints" / "resnet34-b627a593.pth"
     with pytest.raises(RuntimeError, match=rf"(?s){expected}.*CLASSIFIER.PRETRAINED False"):
         mc.train_classifier(cfg, train_dicts, val_dicts)
 
 
-def test_unknown_arch_names_the_valid_ones(tiny_data, tmp_path):
-    _, train_dicts, val_dicts = tiny_data
-    with pytest.raises(ValueError, match="resnet34"):
-        mc.train_classifier(tiny_cfg(tmp_path, "CLASSIFIER.ARCH", "vgg16"), train_dicts, val_dicts)
+def test_unknown_arch_names_the_valid_ones(tiles, tiny_cfg):
+    _, train_dicts, val_dicts = tiles
+    with pytest.raises(ValueError, match="CLASSIFIER.ARCH 'vgg16': expected a torchvision ResNet, .*resnet34"):
+        mc.train_classifier(tiny_cfg("CLASSIFIER.ARCH", "vgg16"), train_dicts, val_dicts)
 
 
-def test_corrupt_image_in_a_worker_process_is_named(learner, tiny_data, tmp_path):
-    good = Path(tiny_data[2][0]["file_name"])
+def test_corrupt_image_in_a_worker_process_is_named(learner, tiles, tmp_path):
+    good = Path(tiles[2][0]["file_name"])
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(good.read_bytes()[:100] if good.suffix == ".jpg" else b"\xff\xd8\xff\xe0 not a jpeg")
     with pytest.raises(ValueError, match="broken.jpg"):

@@ -1,9 +1,10 @@
-"""module_train's plain logic: stage parsing, stage configs, hard negatives, weights, TTA merging."""
+"""The detector's plain logic: stage parsing and stage configs (module_config), hard negatives and the
+validation subset (module_train). Weights and TTA merging are inference's: test_inference.py."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
+import module_config
 import module_train
 from module_config import get_cfg
 
@@ -14,7 +15,7 @@ def _cfg(*opts):
 
 # ---------------------------------------------------------------- stages
 def test_default_stages_are_256_512_768():
-    stages = module_train.get_stages(_cfg())
+    stages = module_config.get_stages(_cfg())
     assert [s.size for s in stages] == [256, 512, 768]
     assert [s.name for s in stages] == ["stage1_256", "stage2_512", "stage3_768"]
 
@@ -35,31 +36,31 @@ def test_default_stages_are_256_512_768():
 )
 def test_bad_stage_lists_are_clear_errors(stages, message):
     with pytest.raises(ValueError, match=message):
-        module_train.get_stages(_cfg("DETECTOR.STAGES", stages))
+        module_config.get_stages(_cfg("DETECTOR.STAGES", stages))
 
 
 def test_stage_config_sets_size_schedule_and_folder(tmp_path):
     cfg = _cfg("PATHS.RUNS_DIR", str(tmp_path), "PATHS.RUN_NAME", "r",
                "DETECTOR.STAGES", "[[128, 100, 0.02, 10], [192, 40, 0.005, 4]]", "DETECTOR.LR_DECAY_AT", "[0.5, 0.75]")
-    first, second = module_train.get_stages(cfg)
-    model_cfg = module_train.get_model_cfg(cfg, second)
+    first, second = module_config.get_stages(cfg)
+    model_cfg = module_config.get_model_cfg(cfg, second)
     assert model_cfg.INPUT.MIN_SIZE_TRAIN == (192,) and model_cfg.INPUT.MAX_SIZE_TRAIN == 192
     assert model_cfg.INPUT.MIN_SIZE_TEST == 192 and model_cfg.INPUT.MAX_SIZE_TEST == 192
     assert (model_cfg.SOLVER.MAX_ITER, model_cfg.SOLVER.BASE_LR, model_cfg.SOLVER.WARMUP_ITERS) == (40, 0.005, 4)
     assert model_cfg.SOLVER.STEPS == (20, 30)
     assert model_cfg.OUTPUT_DIR == str(tmp_path / "r" / "detector" / "stage2_192")
-    assert module_train.get_model_cfg(cfg, first).SOLVER.STEPS == (50, 75)
-    assert module_train.get_model_cfg(cfg).INPUT.MIN_SIZE_TEST == 192  # no stage: the last one
+    assert module_config.get_model_cfg(cfg, first).SOLVER.STEPS == (50, 75)
+    assert module_config.get_model_cfg(cfg).INPUT.MIN_SIZE_TEST == 192  # no stage: the last one
     with pytest.raises(ValueError, match="stage 3 does not exist"):
-        module_train.get_stage(cfg, 3)
+        module_config.get_stage(cfg, 3)
 
 
 def test_random_init_switches_frozen_bn_off():
-    random_init = module_train.get_model_cfg(_cfg("MODEL.WEIGHTS", ""))
+    random_init = module_config.get_model_cfg(_cfg("MODEL.WEIGHTS", ""))
     assert random_init.MODEL.RESNETS.NORM == "BN" and random_init.MODEL.BACKBONE.FREEZE_AT == 0
-    gn = module_train.get_model_cfg(_cfg("MODEL.WEIGHTS", "", "DETECTOR.RANDOM_INIT_NORM", "GN"))
+    gn = module_config.get_model_cfg(_cfg("MODEL.WEIGHTS", "", "DETECTOR.RANDOM_INIT_NORM", "GN"))
     assert gn.MODEL.RESNETS.NORM == "GN"
-    pretrained = module_train.get_model_cfg(_cfg())
+    pretrained = module_config.get_model_cfg(_cfg())
     assert pretrained.MODEL.RESNETS.NORM == "FrozenBN" and pretrained.MODEL.BACKBONE.FREEZE_AT == 2
 
 
@@ -92,58 +93,3 @@ def test_eval_subset_is_spread_and_capped():
     assert module_train.select_eval_dicts(dicts, 0) == dicts
     subset = module_train.select_eval_dicts(dicts, 5)
     assert len(subset) == 5 and subset[0] is dicts[0] and subset[-1] is dicts[-1]
-
-
-# ---------------------------------------------------------------- weights
-def test_missing_weights_file_is_a_clear_error(tmp_path):
-    missing = str(tmp_path / "nowhere.pth")
-    with pytest.raises(FileNotFoundError, match="nowhere.pth"):
-        module_train.resolve_weights(missing)
-    assert module_train.resolve_weights("") == ""
-
-
-def test_failed_download_says_where_to_put_the_file(tmp_path, monkeypatch):
-    monkeypatch.setenv("FVCORE_CACHE", str(tmp_path / "cache"))
-    url = "http://127.0.0.1:9/models/mask_rcnn_test.pkl"  # port 9 (discard): refused at once
-    with pytest.raises(RuntimeError, match="could not download") as info:
-        module_train.resolve_weights(url)
-    assert str(tmp_path / "cache" / "models" / "mask_rcnn_test.pkl") in str(info.value)
-    expected = tmp_path / "cache" / "detectron2" / "COCO-InstanceSegmentation" / "m" / "model_final.pkl"
-    assert module_train.get_weights_cache_path("detectron2://COCO-InstanceSegmentation/m/model_final.pkl") == expected
-
-
-# ---------------------------------------------------------------- TTA merging
-def _box_mask(y0, y1, x0, x1, shape=(20, 20)):
-    mask = np.zeros(shape, bool)
-    mask[y0:y1, x0:x1] = True
-    return mask
-
-
-def test_tta_merge_majority_mask_and_consensus_score():
-    a1, a2, a3 = _box_mask(2, 10, 2, 6), _box_mask(2, 10, 2, 7), _box_mask(3, 10, 2, 6)
-    lonely = _box_mask(14, 18, 14, 18)
-    views = [
-        {"masks": np.stack([a1, lonely]), "scores": np.array([0.9, 0.6], np.float32)},
-        {"masks": np.stack([a2]), "scores": np.array([0.8], np.float32)},
-        {"masks": np.stack([a3]), "scores": np.array([0.7], np.float32)},
-    ]
-    merged = module_train.merge_tta_predictions(views)
-    assert merged["scores"].dtype == np.float32
-    np.testing.assert_allclose(merged["scores"], [(0.9 + 0.8 + 0.7) / 3, 0.6 / 3], rtol=1e-6)
-    # majority of three: rows 3..9 x cols 2..5 are in all; row 2 in two of three; col 6 in one
-    np.testing.assert_array_equal(merged["masks"][0], _box_mask(2, 10, 2, 6))
-    np.testing.assert_array_equal(merged["masks"][1], lonely)
-
-
-def test_tta_merge_two_members_take_the_union_and_no_view_is_used_twice():
-    a, b = _box_mask(0, 8, 0, 8), _box_mask(0, 8, 0, 6)
-    views = [
-        {"masks": np.stack([a, a]), "scores": np.array([0.9, 0.5], np.float32)},  # a duplicate in one view
-        {"masks": np.stack([b]), "scores": np.array([0.9], np.float32)},
-    ]
-    merged = module_train.merge_tta_predictions(views)
-    assert len(merged["scores"]) == 2  # the duplicate does not join its own view's group
-    np.testing.assert_array_equal(merged["masks"][0], a | b)
-    empty = {"masks": np.zeros((0, 20, 20), bool), "scores": np.zeros(0, np.float32)}
-    out = module_train.merge_tta_predictions([empty, empty, empty])
-    assert out["masks"].shape == (0, 20, 20) and out["scores"].shape == (0,)

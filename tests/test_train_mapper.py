@@ -195,3 +195,27 @@ def test_ship_free_image_and_masks_rotated_away(asymmetric_dict):
 def test_inference_mapper_has_no_augmentation_or_instances(asymmetric_dict):
     out = module_train.ShipDatasetMapper(_cfg(HFLIP_PROB=1.0), 32, is_train=False)(asymmetric_dict)
     assert "instances" not in out and tuple(out["image"].shape) == (3, 32, 32)
+
+
+def test_annotation_masks_decode_as_uint8_in_image_pixel_order(asymmetric_dict):
+    """uint8, not bool: detectron2 resizes a segmentation through PIL for uint8 only."""
+    masks = module_train.decode_annotation_masks(asymmetric_dict["annotations"], SIZE, SIZE)
+    assert masks.dtype == np.uint8 and masks.shape == (2, SIZE, SIZE)
+    np.testing.assert_array_equal(masks, np.stack(_shapes()))
+    crowd = [dict(asymmetric_dict["annotations"][0], iscrowd=1), asymmetric_dict["annotations"][1]]
+    assert len(module_train.decode_annotation_masks(crowd, SIZE, SIZE)) == 1  # crowd regions are not ships
+    assert module_train.decode_annotation_masks([], SIZE, SIZE).shape == (0, SIZE, SIZE)
+
+
+def test_validation_overlays_outline_truth_green_and_prediction_red():
+    from module_plots import draw_outlines
+
+    image = np.full((SIZE, SIZE, 3), 40, np.uint8)
+    truth, prediction = _shapes()
+    out = draw_outlines(image, [truth], [prediction])
+    assert out.shape == image.shape and out.dtype == np.uint8 and (image == 40).all()  # a copy
+    green = (out == (0, 255, 0)).all(axis=2)
+    red = (out == (255, 0, 0)).all(axis=2)
+    assert green[8, 10] and green[39, 29] and not green[20, 12]  # the L's corners, not its inside
+    assert red[44, 44] and red[53, 57] and not red[48, 50]  # the square's corners, not its inside
+    assert not (green | red)[0:5, :].any()  # nothing drawn away from the masks

@@ -1,4 +1,8 @@
-"""The training entry point as separate processes: a real SIGKILL then --resume, and torchrun on CPU."""
+"""The training entry point as separate processes: a real SIGKILL then a run that continues, and torchrun on CPU.
+
+The command line runs ``configs/tiny.yaml`` on conftest's generated ``tiny_dataset`` (``tiny_paths``
+points it there), with the stage schedule each test needs.
+"""
 from __future__ import annotations
 
 import json
@@ -8,39 +12,25 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-import pytest
 import torch
 
+import module_inference
 import module_train
-from test_train import make_tiny_dataset, tiny_opts
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory) -> Path:
-    return make_tiny_dataset(tmp_path_factory.mktemp("tiny_data"))
-
-
-def _config_file(tmp_path) -> Path:
-    path = tmp_path / "tiny.yaml"
-    path.write_text("MODEL:\n  DEVICE: cpu\n")
-    return path
 
 
 def _env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def test_sigkill_mid_stage_then_resume_continues_from_the_last_checkpoint(tiny_data, tmp_path):
+def test_sigkill_mid_stage_then_the_next_run_continues_from_the_last_checkpoint(tiny_paths, tiny_config, repo_root, tmp_path):
     iterations = 40
-    opts = tiny_opts(tiny_data, tmp_path / "runs", run="killed", stages=f"[[64, {iterations}, 0.01, 2]]")
-    opts += ["SOLVER.CHECKPOINT_PERIOD", "5", "DETECTOR.EVAL_PERIOD", "0", "DETECTOR.MAX_CHECKPOINTS_KEPT", "0"]
+    opts = [*tiny_paths, "PATHS.RUN_NAME", "killed", "MODEL.DEVICE", "cpu",
+            "DETECTOR.STAGES", f"[[64, {iterations}, 0.01, 2]]", "SOLVER.CHECKPOINT_PERIOD", "5",
+            "DETECTOR.EVAL_PERIOD", "0", "DETECTOR.MAX_CHECKPOINTS_KEPT", "0"]
     stage_dir = tmp_path / "runs" / "killed" / "detector" / "stage1_64"
-    command = [sys.executable, "module_train.py", "--config", str(_config_file(tmp_path)), *opts]
-    process = subprocess.Popen(command, cwd=REPO_ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    command = [sys.executable, "module_train.py", "--config", str(tiny_config), *opts]
+    process = subprocess.Popen(command, cwd=repo_root, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 180
         while not (stage_dir / "last_checkpoint").exists():
@@ -60,8 +50,10 @@ def test_sigkill_mid_stage_then_resume_continues_from_the_last_checkpoint(tiny_d
     assert torch.load(stage_dir / last)["iteration"] == killed_at  # complete, loadable file
     logged_before = [json.loads(line)["iteration"] for line in (stage_dir / "metrics.json").read_text().splitlines()]
 
-    final = module_train.main(module_train.get_args_parser().parse_args(["--config", str(_config_file(tmp_path)), "--resume", *opts]))
+    # the same command again: it continues the stage (the default), no flag needed
+    paths = module_train.main(module_train.get_args_parser().parse_args(["--config", str(tiny_config), *opts]))
 
+    final = paths["final"]
     assert final == stage_dir / "model_final.pth"
     assert torch.load(final)["iteration"] == iterations - 1
     log = (tmp_path / "runs" / "killed" / "detector" / "log.txt").read_text()
@@ -72,14 +64,16 @@ def test_sigkill_mid_stage_then_resume_continues_from_the_last_checkpoint(tiny_d
     assert logged_before[: killed_at + 1] == list(range(killed_at + 1))
 
 
-def test_torchrun_two_cpu_processes_stay_in_sync_and_only_rank_0_writes(tiny_data, tmp_path):
-    opts = tiny_opts(tiny_data, tmp_path / "runs", run="ddp", stages="[[64, 2, 0.01, 0]]")
-    opts += ["SOLVER.CHECKPOINT_PERIOD", "1", "DETECTOR.EVAL_PERIOD", "0"]
+def test_torchrun_two_cpu_processes_stay_in_sync_and_only_rank_0_writes(tiny_paths, tiny_cfg, tiny_config, repo_root,
+                                                                          tmp_path):
+    run = ["PATHS.RUN_NAME", "ddp", "MODEL.DEVICE", "cpu", "DETECTOR.STAGES", "[[64, 2, 0.01, 0]]",
+           "SOLVER.CHECKPOINT_PERIOD", "1", "DETECTOR.EVAL_PERIOD", "0"]
+    opts = [*tiny_paths, *run]
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        "module_train.py", "--config", str(_config_file(tmp_path)), *opts,
+        "module_train.py", "--config", str(tiny_config), *opts,
     ]
-    result = subprocess.run(command, cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    result = subprocess.run(command, cwd=repo_root, env=_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     detector_dir = tmp_path / "runs" / "ddp" / "detector"
     log = (detector_dir / "log.txt").read_text()
@@ -91,7 +85,7 @@ def test_torchrun_two_cpu_processes_stay_in_sync_and_only_rank_0_writes(tiny_dat
     assert before != after  # the steps changed the weights
     stage_dir = detector_dir / "stage1_64"
     final = torch.load(stage_dir / "model_final.pth")
-    model = module_train.load_detector(module_train.get_cfg(None, opts), stage_dir / "model_final.pth")
+    model = module_inference.load_detector(tiny_cfg(*run), stage_dir / "model_final.pth")
     assert module_train.parameter_digest(model) == after  # what rank 0 saved is what both ranks hold
     assert final["iteration"] == 1
     # only rank 0 wrote: one event file, one line per iteration, one validation record

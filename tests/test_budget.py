@@ -1,0 +1,123 @@
+"""Wall-clock budgets (the planning arithmetic, a real tiny run), live progress, the GPU check's CPU form."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import module_classifier
+import module_config
+import module_preprocessing
+import module_progress
+import module_train
+from module_config import Stage
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------- the arithmetic, at given speeds
+def test_stages_keep_their_proportions_and_fit_the_budget():
+    stages = [Stage(1, 256, 1000, 0.02, 100), Stage(2, 512, 500, 0.01, 50)]
+    # 0.1 s and 0.4 s per iteration; validation 100 images at 0.01 / 0.04 s each, every 250 iterations
+    plan = module_train.plan_stages(stages, [0.1, 0.4], [0.01, 0.04], 100, 250, budget_s=300, margin=0.0)
+    # validations: stage 1 5x1 s, stage 2 3x4 s = 17 s; training at full length: 100 + 200 = 300 s
+    assert plan.scale == pytest.approx((300 - 17) / 300)
+    assert [s[1] for s in plan.stages] == [round(1000 * plan.scale), round(500 * plan.scale)]
+    assert plan.stages[0][1] / plan.stages[1][1] == pytest.approx(2.0, rel=0.01)  # proportions kept
+    assert [s[3] for s in plan.stages] == [round(100 * plan.scale), round(50 * plan.scale)]  # warmup scales
+    assert plan.eval_period == round(250 * plan.scale)
+    assert sum(plan.expected_s) == pytest.approx(300, rel=0.01)
+
+
+def test_a_larger_budget_trains_longer_and_the_margin_is_kept():
+    stages = [Stage(1, 64, 100, 0.01, 10)]
+    plan = module_train.plan_stages(stages, [0.5], [0.0], 0, 0, budget_s=200)
+    assert plan.scale == pytest.approx(200 * 0.95 / 50) and plan.stages[0][1] == 380
+    assert plan.eval_period == 0 and sum(plan.expected_s) <= 200
+
+
+def test_a_budget_too_small_keeps_a_minimum_and_says_so():
+    plan = module_train.plan_stages([Stage(1, 64, 100, 0.01, 5)], [1.0], [0.0], 0, 0, budget_s=3, min_iterations=10)
+    assert plan.stages[0][1] == 10 and plan.stages[0][3] <= 9 and "too small" in plan.notes[0]
+
+
+@pytest.mark.parametrize("budget, epoch, fixed, expected", [(100, 10, 5, 9), (100, 30, 0, 3), (10, 30, 0, 1)])
+def test_classifier_epochs_for_a_budget(budget, epoch, fixed, expected):
+    assert module_classifier.epochs_for_budget(budget, epoch, fixed)[0] == expected
+
+
+# ---------------------------------------------------------------- a real tiny run
+def test_a_tiny_detector_run_with_a_budget_ends_with_the_planned_iterations(tiny_cfg, caplog):
+    cfg = tiny_cfg("DETECTOR.STAGES", "[[64, 4, 0.01, 1]]", "DETECTOR.TIME_BUDGET_MIN", "0.25",
+                   "DETECTOR.EVAL_PERIOD", "2")
+    train, val = module_preprocessing.get_train_val_dicts(cfg)
+    started = time.time()
+    with caplog.at_level("INFO", logger="module_train"):
+        paths = module_train.train_detector(cfg, train, val)
+    record = json.loads(paths["plan"].read_text())
+    planned = record["plan"]["stages"][0][1]
+    assert record["plan"]["s_per_iter"][0] > 0 and "expected_end" in record
+    assert "time budget 0.25 min" in caplog.text
+    checkpoint = torch.load(paths["final"], weights_only=False)
+    assert checkpoint["iteration"] == planned - 1 and "truncated" not in checkpoint  # a valid, complete checkpoint
+    saved = module_config.get_cfg(str(paths["config"]))  # the resolved config records the plan
+    assert saved.DETECTOR.STAGES[0][1] == planned
+    assert time.time() - started < 15 + 60  # ends inside the budget (plus setup on a loaded CI machine)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="module_train"):
+        module_train.train_detector(cfg, train, val)  # again: the plan is replayed, not re-planned
+    assert "replaying the plan" in caplog.text and "reused" in caplog.text
+
+
+def test_the_deadline_ends_a_stage_cleanly_with_final_weights(tiny_cfg):
+    cfg = tiny_cfg("DETECTOR.STAGES", "[[64, 50, 0.01, 1]]", "DETECTOR.EVAL_PERIOD", "0")
+    train, val = module_preprocessing.get_train_val_dicts(cfg)
+    stage = module_config.get_stage(cfg, 1)
+    final, outcome = module_train.train_stage(cfg, stage, train, val, deadline=time.time() + 2)
+    checkpoint = torch.load(final, weights_only=False)
+    assert "by the time budget" in outcome and checkpoint["truncated"] and checkpoint["iteration"] < 49
+
+
+# ---------------------------------------------------------------- progress
+def test_progress_lines_say_step_position_loss_and_eta(tmp_path):
+    path = tmp_path / "progress.json"
+    reporter = module_progress.ProgressReporter(path, "detector stage 1/3 @ 256 px", 100, "iter")
+    reporter.fields["started"] -= 10  # ten seconds ago
+    reporter._start_done = 0
+    reporter.update(done=20, loss=1.5, val_f2=0.61, force=True)
+    progress = module_progress.read_progress(path)
+    assert progress["eta_s"] == pytest.approx(40, rel=0.05)  # 10 s for 20 iterations, 80 to go
+    line = module_progress.format_progress({**progress, "remaining_plan_s": 60}, "4. Detector", elapsed_s=75)
+    assert "4. Detector" in line and "iter 20/100" in line and "loss 1.5" in line and "val F2 0.6100" in line
+    assert "step ETA 40s" in line and "run ETA ~1m40s" in line and "+1m15s" in line
+
+
+def test_run_notebook_prints_live_progress(tiny_config, tiny_paths):
+    result = subprocess.run([sys.executable, "run_notebook.py", "--config", str(tiny_config), "--no-html",
+                             "--progress-interval", "2", *tiny_paths, "CLASSIFIER.EPOCHS", "3"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    lines = [line for line in result.stdout.splitlines() if line.startswith("[") and " | " in line]
+    assert len(lines) >= 3
+    assert any("classifier epoch" in line for line in lines) or any("detector stage" in line for line in lines)
+    assert any("(cell " in line for line in lines)
+    assert "Executing:" not in result.stderr  # papermill's one-line bar is off: plain lines only
+
+
+# ---------------------------------------------------------------- the GPU check, on a CPU
+@pytest.mark.slow
+def test_device_check_runs_in_its_tiny_form(tmp_path):
+    out = tmp_path / "check.json"
+    result = subprocess.run(["bash", "bench/device_check.sh", "--tiny", "--json", str(out)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    report = json.loads(out.read_text())
+    training = report["detector_training"]["fp32"]
+    assert training["module_train_s_per_iter"] > 0 and training["default_trainer_s_per_iter"] > 0
+    assert report["detector_inference"]["images_per_s"] > 0 and report["classifier_inference"]["images_per_s"] > 0
+    assert report["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
