@@ -3,7 +3,7 @@
 The config is a detectron2 ``CfgNode``: detectron2's own keys (``MODEL``, ``SOLVER``, ``INPUT``,
 ``DATALOADER``, ...) start from the model-zoo base ``COCO-InstanceSegmentation/
 mask_rcnn_R_50_FPN_3x.yaml``; :func:`add_airbus_config` adds the project's groups (``PATHS``,
-``DATA``, ``SYNTH``, ``CLASSIFIER``, ``DETECTOR``, ``SUBMIT``) and sets the project's defaults for
+``DATA``, ``SYNTH``, ``CLASSIFIER``, ``DETECTOR``, ``SUBMIT``, ``DETECT``) and sets the project's defaults for
 detectron2 keys. :func:`get_cfg` then merges a YAML file (which may name a ``_BASE_``) and
 overrides (``KEY VALUE`` or ``KEY=VALUE``), and checks every value against :data:`VALID`, the
 ranges kept next to the defaults. Merging is strict: a misspelt key raises ``KeyError``; a value
@@ -65,6 +65,9 @@ BALANCE_MODES = ("weights", "sampler", "none")  # CLASSIFIER.BALANCE
 PRECISIONS = ("auto", "fp32", "bf16", "int8")  # CLASSIFIER.PRECISION
 BEST_METRICS = ("f2_ships", "f2")  # DETECTOR.BEST_METRIC
 NORMS = ("BN", "GN", "SyncBN")  # DETECTOR.RANDOM_INIT_NORM
+STRETCH_MODES = ("auto", "percentile", "none")  # DETECT.STRETCH
+DETECT_FORMATS = ("geojson", "coco", "csv")  # DETECT.FORMATS
+GEOJSON_CRSS = ("native", "EPSG:4326")  # DETECT.GEOJSON_CRS
 
 
 def add_airbus_config(cfg: CN) -> CN:
@@ -198,6 +201,80 @@ def add_airbus_config(cfg: CN) -> CN:
     cfg.SUBMIT.TUNE_CLASSIFIER_THRESHOLDS = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
     cfg.SUBMIT.TUNE_SCORE_THRESHOLDS = [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95]
     cfg.SUBMIT.TUNE_MIN_AREAS = [0, 10, 20, 40, 80]
+    # Expected share of ship-free images where the submission will be used. `tune` weights the
+    # validation images so that the ship-free ones carry this share of the F2, chooses for it and
+    # reports the F2 to expect there: one false ship zeroes a ship-free tile, so the more of them,
+    # the more cautious the choice. -1: the training split's own share (Kaggle's case: its test
+    # set is ship-free about as often as train_v2, ~78%).
+    cfg.SUBMIT.TARGET_EMPTY_FRACTION = -1.0
+    # The no-harm guard of `tune`: a setting is eligible only when its gain in F2 (at the target
+    # share) over predicting no ship anywhere stays above 0 at this lower confidence bound,
+    # estimated by a Bayesian bootstrap of the validation images (GUARD_BOOTSTRAP resamples,
+    # seeded by GUARD_SEED; ship-free and ship images weighted apart, each kind with one
+    # pessimistic pseudo-image at half weight, so a false ship never seen on a small split is not
+    # taken as impossible). When no setting is eligible, `tune` keeps the most conservative
+    # setting no worse than all-empty on validation (the fewest images with a predicted ship), or
+    # predicts no ship at all, and says so in the log and thresholds.yaml. 0: no guard (the best
+    # expected F2 at the target share).
+    cfg.SUBMIT.GUARD_CONFIDENCE = 0.9
+    cfg.SUBMIT.GUARD_BOOTSTRAP = 1000
+    cfg.SUBMIT.GUARD_SEED = 0
+    # Size buckets of masks (px of a 768 x 768 tile; scaled with the image area for other sizes):
+    # [100, 1000] makes small (< 100 px), medium and large (>= 1000 px) ships. They split the
+    # error report's F2 by size, and the size-aware score thresholds below.
+    cfg.SUBMIT.SIZE_BUCKET_EDGES = [100, 1000]
+    # Score thresholds per size bucket (len(SIZE_BUCKET_EDGES) + 1 values, by each detection's
+    # mask area as predicted); they replace SCORE_THRESHOLD. []: one threshold for every size.
+    cfg.SUBMIT.SCORE_THRESHOLDS_BY_SIZE = []
+    # `tune` also tries score thresholds per size bucket (every combination of
+    # TUNE_SCORE_THRESHOLDS over the buckets, with each of TUNE_MIN_AREAS, behind the chosen gate)
+    # and keeps them only when they beat the single threshold at the guard's lower confidence
+    # bound (with GUARD_CONFIDENCE 0: by any gain).
+    cfg.SUBMIT.TUNE_SIZE_AWARE = True
+
+    # ---------------------------------------------------------------- scene detection (module_detect)
+    cfg.DETECT = CN()
+    # Side of the square slices a scene is cut into (px). 0: DATA.IMAGE_SIZE, the tile size both
+    # models were trained on and the thresholds tuned for. `--tile` overrides.
+    cfg.DETECT.TILE_SIZE = 0
+    # Overlap of neighbouring slices (px), < the tile size: a ship shorter than this that a slice's
+    # border cuts lies whole in the neighbouring slice (longer ones are merged from their pieces).
+    # -1: a sixth of the tile size (128 px at 768, 42 at 256). `--overlap` overrides.
+    cfg.DETECT.OVERLAP = -1
+    # Detections of two overlapping slices are one ship when their masks' IoU inside the two slices'
+    # common band is at least this; the ship's mask is then their union, its score the higher one.
+    cfg.DETECT.MERGE_IOU = 0.5
+    # GeoTIFF bands (1-based) read as red, green and blue; [1, 1, 1] for a single-band scene.
+    cfg.DETECT.BANDS = [1, 2, 3]
+    # Raster values -> 8-bit RGB: "auto" (8-bit data as they are, other types "percentile"),
+    # "percentile" (per band, linear from the STRETCH_PERCENTILES of a decimated read to 0..255,
+    # clipped), "none" (values clipped to 0..255).
+    cfg.DETECT.STRETCH = "auto"
+    cfg.DETECT.STRETCH_PERCENTILES = [2.0, 98.0]  # low and high percentile of the stretch, over valid pixels
+    cfg.DETECT.STRETCH_SAMPLE_SIZE = 1024  # longest side (px) of the decimated read the percentiles come from
+    # Slices with at most this share of valid (not nodata) pixels are skipped before the models
+    # (0: only slices without any data).
+    cfg.DETECT.MIN_VALID_FRACTION = 0.0
+    # Slices read, gated and detected together; bounds memory (CHUNK_TILES x tile^2 x 3 bytes of pixels).
+    cfg.DETECT.CHUNK_TILES = 32
+    # Outputs per scene, any of "geojson", "coco", "csv" (the quicklook PNG and the report always).
+    cfg.DETECT.FORMATS = ["geojson", "coco", "csv"]
+    # GeoJSON coordinates of a georeferenced scene: "native" (the raster's CRS) or "EPSG:4326"
+    # (lon/lat, RFC 7946). A scene without a CRS always gets pixel coordinates, said so in the file.
+    cfg.DETECT.GEOJSON_CRS = "native"
+    cfg.DETECT.QUICKLOOK_SIZE = 2048  # longest side of the quicklook PNG (px)
+    # GDAL's block cache while reading rasters (MB); GDAL's own default, 5% of RAM, can reach GBs.
+    # Enough for a row of blocks (scene width x block height x bands x bytes) reads each block once.
+    cfg.DETECT.GDAL_CACHE_MB = 64
+    # oneDNN (PyTorch's CPU kernels) caches a compiled kernel per input shape, 1024 by default; the
+    # mask head sees a new shape for each count of detections, and over a large scene that cache
+    # grew by 1.5 GB (BENCHMARKS.md). This caps it, set when detection starts, unless the
+    # environment sets ONEDNN_PRIMITIVE_CACHE_CAPACITY; it takes effect only if nothing ran on
+    # oneDNN before in the process (a command line, a fresh kernel). 0: oneDNN's default.
+    cfg.DETECT.ONEDNN_CACHE_CAPACITY = 64
+    # `module_detect.py` fails (exit 1, every output and the failure report still written) when more
+    # scenes than this cannot be read: a share of the scenes when < 1, else a count.
+    cfg.DETECT.MAX_FAILED = 0.0
 
     # ---------------------------------------------------------------- detectron2 keys
     cfg.MODEL.DEVICE = "auto"  # "auto": cuda when available, else cpu
@@ -313,6 +390,35 @@ VALID: dict[str, tuple[Callable, str]] = {
     "SUBMIT.TUNE_CLASSIFIER_THRESHOLDS": _each(PROBABILITY),
     "SUBMIT.TUNE_SCORE_THRESHOLDS": _each(PROBABILITY),
     "SUBMIT.TUNE_MIN_AREAS": _each(COUNT),
+    "SUBMIT.TARGET_EMPTY_FRACTION": (lambda v: _number(0, 1)[0](v) or (_number()[0](v) and v == -1),
+                                     "a number in [0, 1], or -1 (the training split's share)"),
+    "SUBMIT.GUARD_CONFIDENCE": FRACTION,
+    "SUBMIT.GUARD_BOOTSTRAP": POSITIVE_INT,
+    "SUBMIT.GUARD_SEED": COUNT,
+    "SUBMIT.SIZE_BUCKET_EDGES": (lambda v: isinstance(v, (list, tuple)) and all(_number(0, low_open=True)[0](e)
+                                 for e in v) and list(v) == sorted(set(v)),
+                                 "a list of increasing areas > 0 (px), possibly empty"),
+    "SUBMIT.SCORE_THRESHOLDS_BY_SIZE": (lambda v: isinstance(v, (list, tuple)) and all(PROBABILITY[0](e) for e in v),
+                                        "a list of numbers in [0, 1] (len(SIZE_BUCKET_EDGES) + 1 of them), or []"),
+    "DETECT.TILE_SIZE": COUNT,
+    "DETECT.OVERLAP": _number(-1, integer=True),
+    "DETECT.MERGE_IOU": _number(0, 1, low_open=True),
+    "DETECT.BANDS": (lambda v: isinstance(v, (list, tuple)) and len(v) == 3 and all(POSITIVE_INT[0](b) for b in v),
+                     "a list of 3 band numbers (1-based): red, green, blue"),
+    "DETECT.STRETCH": _one_of(STRETCH_MODES),
+    "DETECT.STRETCH_PERCENTILES": (lambda v: isinstance(v, (list, tuple)) and len(v) == 2
+                                   and all(_number(0, 100)[0](p) for p in v) and v[0] < v[1],
+                                   "[low, high] percentiles with 0 <= low < high <= 100"),
+    "DETECT.STRETCH_SAMPLE_SIZE": _number(16, integer=True),
+    "DETECT.MIN_VALID_FRACTION": FRACTION,
+    "DETECT.CHUNK_TILES": POSITIVE_INT,
+    "DETECT.FORMATS": (lambda v: isinstance(v, (list, tuple)) and all(f in DETECT_FORMATS for f in v),
+                       f"a list of formats, each one of {', '.join(map(repr, DETECT_FORMATS))}"),
+    "DETECT.GEOJSON_CRS": _one_of(GEOJSON_CRSS),
+    "DETECT.QUICKLOOK_SIZE": _number(64, integer=True),
+    "DETECT.GDAL_CACHE_MB": _number(16, integer=True),
+    "DETECT.ONEDNN_CACHE_CAPACITY": COUNT,
+    "DETECT.MAX_FAILED": _number(0),
     "SOLVER.IMS_PER_BATCH": POSITIVE_INT,
     "SOLVER.CHECKPOINT_PERIOD": POSITIVE_INT,
     "SOLVER.GAMMA": _number(0, 1, low_open=True),
@@ -331,13 +437,19 @@ def _lookup(cfg: CN, dotted: str):
 
 def check_cfg(cfg: CN, source: str = "") -> None:
     """Raise ``ValueError`` naming the key, the value and the valid range for the first value out of
-    :data:`VALID` (and for a malformed ``DETECTOR.STAGES``: :func:`get_stages`)."""
+    :data:`VALID` (and for a malformed ``DETECTOR.STAGES``: :func:`get_stages`; for score
+    thresholds by size that do not fit the size buckets)."""
     where = f"{source}: " if source else ""
     for key, (check, expected) in VALID.items():
         if _has_key(cfg, key):
             value = _lookup(cfg, key)
             if not check(value):
                 raise ValueError(f"{where}{key} is {value!r}; expected {expected}")
+    if _has_key(cfg, "SUBMIT.SCORE_THRESHOLDS_BY_SIZE") and cfg.SUBMIT.SCORE_THRESHOLDS_BY_SIZE and \
+            len(cfg.SUBMIT.SCORE_THRESHOLDS_BY_SIZE) != len(cfg.SUBMIT.SIZE_BUCKET_EDGES) + 1:
+        raise ValueError(f"{where}SUBMIT.SCORE_THRESHOLDS_BY_SIZE is {list(cfg.SUBMIT.SCORE_THRESHOLDS_BY_SIZE)}; "
+                         f"expected one per size bucket: {len(cfg.SUBMIT.SIZE_BUCKET_EDGES) + 1} for SUBMIT."
+                         f"SIZE_BUCKET_EDGES {list(cfg.SUBMIT.SIZE_BUCKET_EDGES)}, or []")
     try:
         get_stages(cfg)
     except ValueError as exc:
@@ -504,6 +616,8 @@ SUBMISSION_FILES = {
     "tune_grid": "tune_grid.csv",
     "tune_cache": "tune_cache.pkl",  # the models' outputs on the validation split
     "tune_errors": "tune_errors.csv",  # the error report of the chosen thresholds
+    "tune_size_grid": "tune_size_grid.csv",  # the size-aware score thresholds tried
+    "score_errors": "score_errors.csv",  # the error report of a scored submission (`score --config`)
 }
 PLOT_FILES = {
     "tune_f2": "tune_f2.png",
@@ -560,6 +674,11 @@ def get_submission_dir(cfg: CN) -> Path:
 def get_submission_path(cfg: CN, what: str = "submission") -> Path:
     """A submission output (:data:`SUBMISSION_FILES`): ``runs/<run>/submission/submission.csv`` by default."""
     return get_submission_dir(cfg) / _named(SUBMISSION_FILES, what, "submission")
+
+
+def get_detect_dir(cfg: CN) -> Path:
+    """``runs/<run>/detect`` (created): where ``module_detect.py`` writes without ``--out``."""
+    return _in_dir(get_run_dir(cfg), "detect")
 
 
 def get_plot_path(cfg: CN, what: str) -> Path:
@@ -660,7 +779,7 @@ def get_model_cfg(cfg: CN, stage: Stage | None = None) -> CN:
     out.SOLVER.BASE_LR = stage.base_lr
     out.SOLVER.WARMUP_ITERS = stage.warmup
     out.SOLVER.STEPS = tuple(sorted({int(f * stage.iterations) for f in cfg.DETECTOR.LR_DECAY_AT if 0 < f < 1}))
-    out.OUTPUT_DIR = str(Path(cfg.PATHS.RUNS_DIR) / cfg.PATHS.RUN_NAME / "detector" / stage.name)
+    out.OUTPUT_DIR = str(get_stage_dir(cfg, stage))
     if uses_random_init(cfg):
         out.MODEL.RESNETS.NORM = cfg.DETECTOR.RANDOM_INIT_NORM
         out.MODEL.BACKBONE.FREEZE_AT = 0

@@ -68,12 +68,13 @@ class ImageError(ValueError):
     message names the file."""
 
 
-def _decode_jpeg(data: bytes, reduce_to: int | None) -> np.ndarray:
-    """(H, W, 3) uint8 RGB of JPEG bytes, decoded strictly (libjpeg-turbo's warnings are errors)."""
+def _decode_jpeg(data: bytes, reduce_to: int | None, convert: bool = False) -> np.ndarray:
+    """(H, W, 3) uint8 RGB of JPEG bytes, decoded strictly (libjpeg-turbo's warnings are errors);
+    a grey JPEG only with ``convert`` (libjpeg-turbo expands it to RGB)."""
     import simplejpeg
 
     height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
-    if colorspace not in ("YCbCr", "RGB"):
+    if colorspace not in ("YCbCr", "RGB") and not (convert and colorspace == "Gray"):
         raise ImageError(f"JPEG colour space {colorspace}, expected RGB (YCbCr)")
     kwargs = {}
     if reduce_to:  # DCT scaling (1/2, 1/4, 1/8) while both sides stay >= reduce_to
@@ -114,7 +115,7 @@ def read_image(path: str | os.PathLike, image_size: int | None = None, *, reduce
 
             height, width = simplejpeg.decode_jpeg_header(data)[:2]
             _check_size(path, height, width, image_size)
-            array = _decode_jpeg(data, reduce_to)
+            array = _decode_jpeg(data, reduce_to, convert)
         else:
             array = _decode_other(path, data, image_size, convert)
     except ImageError as exc:

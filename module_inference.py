@@ -1,7 +1,7 @@
 """Inference, in one home: the detector from a run, batched prediction, flip TTA, overlap removal, the gate.
 
-Used by the training validation hook (``module_train``), threshold tuning and the Kaggle
-submission (``module_submit``) and scene detection (``module_detect``):
+Used by the training validation hook (``module_train``), threshold tuning (``module_tuning``), the
+Kaggle submission (``module_submit``) and scene detection (``module_detect``):
 
     model = load_detector(cfg)                       # runs/<run>/detector/model_best.pth, eval mode
     preds = predict_instances(model, [rgb_uint8_image], tta=True)
@@ -18,7 +18,8 @@ submission (``module_submit``) and scene detection (``module_detect``):
   pasted back at each image's size.
 * **flip TTA** :func:`merge_tta_predictions`; **overlap removal** :func:`resolve_overlaps` (each
   pixel to the highest-scoring mask, as Kaggle requires) and the three thresholds
-  (:class:`Thresholds`, :func:`get_thresholds`: the run's tuned ones, the config's otherwise).
+  (:class:`Thresholds`, :func:`get_thresholds`: the run's tuned ones, the config's otherwise; the
+  score threshold optionally one per mask-size bucket).
 * **the gate**: :func:`build_p_ship_fn` wraps the run's exported classifier (``module_classifier``,
   imported only when a gate is built) as ``paths -> p_ship``.
 
@@ -41,6 +42,7 @@ import torch
 
 import module_config
 from module_config import get_detector_path, get_model_cfg, get_stage_path, get_stages
+from module_metric import get_size_buckets
 from module_rle import masks_to_coco
 
 logger = logging.getLogger(__name__)
@@ -303,25 +305,67 @@ def resolve_overlaps(masks: np.ndarray, scores: np.ndarray, score_threshold: flo
 
 @dataclasses.dataclass(frozen=True)
 class Thresholds:
-    """The three post-processing thresholds of a gated prediction."""
+    """The post-processing thresholds of a gated prediction.
+
+    With ``score_by_size`` (optional) the score threshold depends on the size of the detection:
+    a detection whose mask has ``area`` px goes by ``score_by_size[k]``, k its bucket of
+    ``size_edges`` (px of a 768 x 768 tile, scaled to the image's area:
+    ``module_metric.get_size_buckets``), and ``score`` is not used. Empty: one threshold for all.
+    """
 
     classifier: float  # images with p_ship below this get no ship; <= 0: no classifier at all
     score: float  # detections with a score below this are dropped
     min_area: int  # masks smaller than this (px, after overlap removal) are dropped
+    score_by_size: tuple = ()  # per size bucket (len(size_edges) + 1 values); () : `score` for every size
+    size_edges: tuple = ()  # bucket edges of score_by_size, mask area in px of a 768 x 768 tile
+
+    def __post_init__(self):
+        if self.score_by_size and len(self.score_by_size) != len(self.size_edges) + 1:
+            raise ValueError(f"score thresholds by size {list(self.score_by_size)} need {len(self.score_by_size) - 1} "
+                             f"size-bucket edges, got {list(self.size_edges)}")
+        if list(self.size_edges) != sorted(self.size_edges):
+            raise ValueError(f"size-bucket edges {list(self.size_edges)} must increase")
 
     def as_config(self) -> dict:
-        return {"CLASSIFIER_THRESHOLD": float(self.classifier), "SCORE_THRESHOLD": float(self.score),
-                "MIN_AREA": int(self.min_area)}
+        values = {"CLASSIFIER_THRESHOLD": float(self.classifier), "SCORE_THRESHOLD": float(self.score),
+                  "MIN_AREA": int(self.min_area)}
+        if self.score_by_size:
+            values["SCORE_THRESHOLDS_BY_SIZE"] = [float(v) for v in self.score_by_size]
+            values["SIZE_BUCKET_EDGES"] = [float(v) for v in self.size_edges]
+        return values
+
+    def get_score_thresholds(self, areas, shape: tuple[int, int]) -> np.ndarray:
+        """The score threshold of each detection, from its mask ``areas`` (px) in an ``(H, W)`` image.
+
+        float32, as the scores are: a score passes when ``score >= threshold`` in float32, the
+        comparison ``resolve_overlaps`` makes for a single threshold.
+        """
+        areas = np.asarray(areas)
+        if not self.score_by_size:
+            return np.full(areas.shape, self.score, dtype=np.float32)
+        return np.asarray(self.score_by_size, dtype=np.float32)[get_size_buckets(areas, self.size_edges, shape)]
 
 
-THRESHOLD_KEYS = {"CLASSIFIER_THRESHOLD": "classifier", "SCORE_THRESHOLD": "score", "MIN_AREA": "min_area"}
+THRESHOLD_KEYS = {"CLASSIFIER_THRESHOLD": "classifier", "SCORE_THRESHOLD": "score", "MIN_AREA": "min_area",
+                  "SCORE_THRESHOLDS_BY_SIZE": "score_by_size", "SIZE_BUCKET_EDGES": "size_edges"}
+SIZE_KEYS = ("SCORE_THRESHOLDS_BY_SIZE", "SIZE_BUCKET_EDGES")  # they apply together, or not at all
 
 
 def apply_thresholds(prediction: dict, thresholds: Thresholds) -> tuple[np.ndarray, np.ndarray]:
     """One image's raw prediction (``masks`` (N, H, W), ``scores`` (N,)) -> overlap-free
-    ``(masks (K, H, W) bool, scores (K,))`` after the score threshold and the minimum area."""
-    return resolve_overlaps(np.asarray(prediction["masks"], bool), np.asarray(prediction["scores"], np.float32),
-                            score_threshold=thresholds.score, min_area=thresholds.min_area)
+    ``(masks (K, H, W) bool, scores (K,))`` after the score threshold and the minimum area.
+
+    Size-aware thresholds (``thresholds.score_by_size``) go by each mask's area as predicted,
+    before overlap removal; the detections that pass then go through :func:`resolve_overlaps`.
+    """
+    masks = np.asarray(prediction["masks"], bool)
+    scores = np.asarray(prediction["scores"], np.float32)
+    if not thresholds.score_by_size:
+        return resolve_overlaps(masks, scores, score_threshold=thresholds.score, min_area=thresholds.min_area)
+    if masks.ndim != 3:
+        raise ValueError(f"masks must be (N, H, W), got shape {masks.shape}")
+    keep = scores >= thresholds.get_score_thresholds(masks.sum(axis=(1, 2)), masks.shape[1:])
+    return resolve_overlaps(masks[keep], scores[keep], score_threshold=-np.inf, min_area=thresholds.min_area)
 
 
 def get_thresholds(cfg, thresholds_file: str | Path | None = None,
@@ -331,6 +375,11 @@ def get_thresholds(cfg, thresholds_file: str | Path | None = None,
     Precedence per key: a ``SUBMIT.<KEY>`` override given on the command line (``overridden``),
     then ``thresholds_file`` (default: the run's tuned ``thresholds.yaml``, when it exists), then
     the config. Returns ``(Thresholds, {key: source})``.
+
+    Size-aware score thresholds (``SCORE_THRESHOLDS_BY_SIZE`` with its ``SIZE_BUCKET_EDGES``,
+    from one source) apply only when no single ``SCORE_THRESHOLD`` came from a source that ranks
+    above theirs: ``SUBMIT.SCORE_THRESHOLD`` on the command line turns the tuned per-size ones
+    off. The sources then list the size keys only when they apply.
     """
     import yaml
 
@@ -345,7 +394,7 @@ def get_thresholds(cfg, thresholds_file: str | Path | None = None,
     elif thresholds_file:
         raise FileNotFoundError(f"thresholds file {path} does not exist")
     overridden = set(module_config.parse_overrides(list(overridden))[0::2]) if overridden else set()
-    values, sources = {}, {}
+    values, sources, rank = {}, {}, {}
     for key, field in THRESHOLD_KEYS.items():
         if f"SUBMIT.{key}" in overridden or key not in tuned:
             values[field] = cfg.SUBMIT[key]
@@ -353,7 +402,21 @@ def get_thresholds(cfg, thresholds_file: str | Path | None = None,
         else:
             values[field] = tuned[key]
             sources[key] = str(path)
-    thresholds = Thresholds(float(values["classifier"]), float(values["score"]), int(values["min_area"]))
+        rank[key] = {"command line": 2, "config": 0}.get(sources[key], 1)
+    # The per-size thresholds and their edges come as a pair, from the per-size key's source.
+    by_size_source = sources["SCORE_THRESHOLDS_BY_SIZE"]
+    if by_size_source == str(path) and "SIZE_BUCKET_EDGES" in tuned and "SUBMIT.SIZE_BUCKET_EDGES" not in overridden:
+        values["size_edges"], sources["SIZE_BUCKET_EDGES"] = tuned["SIZE_BUCKET_EDGES"], str(path)
+    by_size = [float(v) for v in values["score_by_size"] or []]
+    if by_size and rank["SCORE_THRESHOLD"] > rank["SCORE_THRESHOLDS_BY_SIZE"]:
+        logger.info("SUBMIT.SCORE_THRESHOLD from the %s overrides the score thresholds by size of the %s",
+                    sources["SCORE_THRESHOLD"], by_size_source)
+        by_size = []
+    if not by_size:
+        for key in SIZE_KEYS:
+            sources.pop(key)
+    thresholds = Thresholds(float(values["classifier"]), float(values["score"]), int(values["min_area"]),
+                            tuple(by_size), tuple(float(v) for v in values["size_edges"]) if by_size else ())
     return thresholds, sources
 
 
@@ -394,3 +457,27 @@ def build_detect_fn(cfg, weights: str | Path | None = None) -> DetectFn:
         return predict_instances(model, list(images), tta=cfg.SUBMIT.TTA, batch_size=cfg.SUBMIT.BATCH_SIZE)
 
     return detect_fn
+
+
+# A callable giving p_ship for in-memory tiles: list of (H, W, 3) uint8 RGB arrays -> (N,) float array in [0, 1].
+PShipArrayFn = Callable[[Sequence[np.ndarray]], np.ndarray]
+
+
+def build_p_ship_array_fn(cfg, classifier_path: str | Path | None = None) -> PShipArrayFn:
+    """A :data:`PShipArrayFn` over the run's exported classifier: :func:`build_p_ship_fn` for tiles
+    held in memory (scene slices, ``module_detect``), with the same ``CLASSIFIER.BATCH_SIZE``,
+    ``.TTA`` and ``.PRECISION`` (``module_classifier.predict_p_ship_arrays``)."""
+    import module_classifier  # here: only gated prediction needs it
+
+    path = Path(classifier_path) if classifier_path else module_config.get_classifier_path(cfg)
+    if not path.is_file():
+        raise FileNotFoundError(f"classifier {path} does not exist; train it with module_classifier.py, "
+                                "pass --classifier, or set SUBMIT.CLASSIFIER_THRESHOLD 0 to run ungated")
+    learner = module_classifier.load_classifier(path)
+
+    def p_ship_array_fn(images: Sequence[np.ndarray]) -> np.ndarray:
+        return module_classifier.predict_p_ship_arrays(learner, list(images), batch_size=cfg.CLASSIFIER.BATCH_SIZE,
+                                                       tta=cfg.CLASSIFIER.TTA, precision=cfg.CLASSIFIER.PRECISION
+                                                       ).astype(np.float64)
+
+    return p_ship_array_fn

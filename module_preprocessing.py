@@ -197,7 +197,7 @@ def find_ground_truth_overlaps(csv_path: str | os.PathLike, shape: tuple[int, in
     Kaggle's v2 ground truth has none (overlaps were set to background), and a submission with
     any is rejected; a hand-made or merged CSV may have some. Computed on the runs, no mask built.
     """
-    return _LoadedCSV(csv_path, shape).overlaps()
+    return _LoadedCSV(csv_path, shape).overlaps()[["ImageId", "line_a", "line_b", "pixels"]]
 
 
 def _remove_overlaps(rles: list[str], shape) -> tuple[list[str], np.ndarray]:
@@ -617,7 +617,7 @@ def subsample_dicts(dicts: Sequence[dict], max_images: int, seed: int) -> list[d
     return [dicts[i] for i in keep.tolist()]
 
 
-_DICTS_CACHE: dict[str, tuple[list[dict], list[dict]]] = {}  # fingerprint -> split, for one process
+_DICTS_CACHE: dict[str, tuple] = {}  # fingerprint -> (train, val, split table, split meta), for one process
 
 
 def get_train_val_dicts(cfg) -> tuple[list[dict], list[dict]]:
@@ -640,11 +640,13 @@ def get_train_val_dicts(cfg) -> tuple[list[dict], list[dict]]:
     csv_path, image_dir = layout["train CSV"], layout["train images"]
     fingerprint = _split_fingerprint(cfg, csv_path, image_dir)
     key = json.dumps(fingerprint, sort_keys=True)
-    if key in _DICTS_CACHE:
-        train, val = _DICTS_CACHE[key]
-        return list(train), list(val)
     split_path = module_config.get_split_path(cfg)
     meta_path = split_path.with_suffix(".json")
+    if key in _DICTS_CACHE:
+        train, val, table, meta = _DICTS_CACHE[key]
+        if not split_path.is_file():  # another run folder than the one this process first split for
+            _write_split(split_path, table, meta)
+        return list(train), list(val)
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     reuse = split_path.is_file() and meta.get("fingerprint") == fingerprint
     check = cfg.DATA.CHECK_IMAGES
@@ -665,18 +667,25 @@ def get_train_val_dicts(cfg) -> tuple[list[dict], list[dict]]:
         saved = None
     if saved is None:
         saved = get_split_table(dicts, float(cfg.DATA.VAL_FRACTION), int(cfg.DATA.SPLIT_SEED))
-        with atomic_path(split_path) as tmp:
-            saved.to_csv(tmp, index=False)
-        with atomic_path(meta_path) as tmp:
-            tmp.write_text(json.dumps({"fingerprint": fingerprint, "skipped": skipped}, indent=1))
+        _write_split(split_path, saved, {"fingerprint": fingerprint, "skipped": skipped})
         logger.info("split %d images into %d train / %d val (%d overlap groups); wrote %s", len(ids),
                     int((saved.fold == "train").sum()), int((saved.fold == "val").sum()), saved.group.nunique(),
                     split_path)
     is_val = (saved["fold"] == "val").to_numpy()
     train = [d for d, v in zip(dicts, is_val) if not v]
     val = [d for d, v in zip(dicts, is_val) if v]
-    _DICTS_CACHE[key] = (train, val)
+    _DICTS_CACHE[key] = (train, val, saved, {"fingerprint": fingerprint, "skipped": skipped})
     return list(train), list(val)
+
+
+def _write_split(split_path: Path, table, meta: dict) -> None:
+    """``split.csv`` (the table) and ``split.json`` (fingerprint, skipped images), atomically."""
+    import json
+
+    with atomic_path(split_path) as tmp:
+        table.to_csv(tmp, index=False)
+    with atomic_path(split_path.with_suffix(".json")) as tmp:
+        tmp.write_text(json.dumps(meta, indent=1))
 
 
 # ============================================================================ command line

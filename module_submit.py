@@ -1,4 +1,4 @@
-"""Gated inference to an overlap-free Kaggle submission; threshold tuning, validation, local score.
+"""Gated inference to an overlap-free Kaggle submission; validation, local score with an error report.
 
 The pipeline of ``predict``, image by image (the inference itself is ``module_inference``'s)::
 
@@ -10,10 +10,12 @@ The pipeline of ``predict``, image by image (the inference itself is ``module_in
 
 The library the notebook calls (the command lines are thin wrappers over it):
 
-    chosen = tune_thresholds(cfg, val_dicts)        # -> runs/<run>/submission/thresholds.yaml
     paths = predict_submission(cfg)                 # -> runs/<run>/submission/submission.csv
     violations = validate_submission(paths["submission"], ids_csv)   # [] when valid
-    result = score_report(paths["submission"], truth_csv)            # the local F2
+    result = score_report(paths["submission"], truth_csv)            # the local F2; result.errors
+    write_score_errors(cfg, result)                 # -> the error report's table and picture in the run
+
+Threshold tuning is ``module_tuning`` (``tune_thresholds``); ``tune`` below is its command line.
 
 Command line (every subcommand with --config takes trailing ``KEY VALUE`` / ``KEY=VALUE`` overrides):
 
@@ -24,7 +26,7 @@ Command line (every subcommand with --config takes trailing ``KEY VALUE`` / ``KE
         --ids sample_submission_v2.csv --out submission.csv
     python module_submit.py tune --config C             # -> runs/<run>/submission/thresholds.yaml
     python module_submit.py validate --submission S --ids sample_submission_v2.csv
-    python module_submit.py score --submission S --truth T [--json]
+    python module_submit.py score --submission S --truth T [--json] [--config C]   # C: report into its run
     python module_submit.py visualize --submission S --truth T --images DIR --out overlays.png
 
 Thresholds: ``predict`` uses runs/<run>/submission/thresholds.yaml (written by ``tune``) when it
@@ -41,17 +43,14 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
-import hashlib
 import json
 import logging
-import pickle
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
-import yaml
 from tqdm.auto import tqdm
 
 import module_config
@@ -61,8 +60,9 @@ from module_config import get_cfg_from_args, get_plot_path, get_submission_path
 from module_files import (TooManyFailures, atomic_path, check_failure_limit, get_failure_report_path, list_images,
                           read_image, read_image_ids, read_segmentation_csv, write_failure_report)
 from module_inference import (DetectFn, PShipFn, Thresholds, apply_thresholds, build_detect_fn, build_p_ship_fn,
-                              get_default_weights_path, get_thresholds, resolve_overlaps)
-from module_rle import KAGGLE_SHAPE, coco_to_masks, find_overlapping_masks, masks_to_coco, parse_rle, rle_encode
+                              get_thresholds)
+from module_progress import ProgressReporter
+from module_rle import KAGGLE_SHAPE, find_overlapping_masks, parse_rle, rle_encode
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ class PredictResult:
 def predict_rows(image_ids: Sequence[str], image_dir: str | Path, detect_fn: DetectFn,
                  thresholds: Thresholds, p_ship_fn: PShipFn | None = None, batch_size: int = 8,
                  chunk_size: int = 256, load_image: LoadImageFn = read_image,
-                 progress: bool = True) -> PredictResult:
+                 progress: bool = True, progress_path: Path | None = None) -> PredictResult:
     """Gate, detect, resolve overlaps and encode every image of ``image_ids`` (files in ``image_dir``).
 
     Per chunk of ``chunk_size`` images: ``p_ship_fn`` scores them (skipped when it is None or
@@ -128,6 +128,7 @@ def predict_rows(image_ids: Sequence[str], image_dir: str | Path, detect_fn: Det
         failures.append({"ImageId": image_id, "reason": reason})
 
     bar = tqdm(total=len(image_ids), unit="img", desc="predict", disable=not progress, smoothing=0.05)
+    reporter = ProgressReporter(progress_path, "submission: gate and detector on the test images", len(image_ids), "image")
     for start in range(0, len(image_ids), chunk_size):
         chunk = image_ids[start:start + chunk_size]
         to_detect = chunk
@@ -161,6 +162,7 @@ def predict_rows(image_ids: Sequence[str], image_dir: str | Path, detect_fn: Det
             n_detected += len(batch)
             bar.set_postfix(detected=n_detected, failed=len(failures), refresh=False)
         bar.update(len(chunk))
+        reporter.update(done=bar.n)
     bar.close()
     records = [(image_id, rle) for image_id in image_ids for rle in (rles.get(image_id) or [""])]
     rows = pd.DataFrame(records, columns=list(SUBMISSION_COLUMNS))
@@ -323,14 +325,18 @@ def validate_submission(submission: str | Path, ids: str | Path | Sequence[str],
 
 # ============================================================================ score
 def score_report(submission: str | Path | pd.DataFrame, truth: str | Path | pd.DataFrame,
-                 shape: tuple[int, int] = KAGGLE_SHAPE) -> module_metric.ScoreResult:
-    """The local competition score of a submission (``module_metric.score_submission``).
+                 shape: tuple[int, int] = KAGGLE_SHAPE,
+                 size_edges: Sequence[float] | None = None) -> module_metric.ScoreResult:
+    """The local competition score of a submission (``module_metric.score_submission``), with its
+    error report (``result.errors``: failures by kind, F2 by ship size, ceilings; no gate data).
 
     A submission file is first checked by :func:`validate_submission` against the truth's
     ImageIds, so scoring rejects what ``validate`` rejects (an extra column, duplicate blank rows,
     a blank row beside masks...): ``ValueError`` naming the file, the line and the problem.
     ``module_metric.format_score_report`` (per-threshold counts, ship-free against ship images,
-    recall per ship size; last line ``F2 <value>``) and ``module_metric.score_to_json`` present it.
+    recall per ship size, the error report; last line ``F2 <value>``) and
+    ``module_metric.score_to_json`` present it. ``size_edges``: the error report's size buckets
+    (px at 768 x 768; default ``SUBMIT.SIZE_BUCKET_EDGES`` of the default config).
     """
     if not isinstance(submission, pd.DataFrame):
         ids = read_segmentation_csv(truth, "truth")["ImageId"] if not isinstance(truth, pd.DataFrame) \
@@ -340,261 +346,21 @@ def score_report(submission: str | Path | pd.DataFrame, truth: str | Path | pd.D
             listing = "; ".join(str(v) for v in violations[:3])
             raise ValueError(f"{submission}: not a valid submission ({len(violations)} violation(s): {listing}"
                              f"{' ...' if len(violations) > 3 else ''}); `module_submit.py validate` lists them all")
-    return module_metric.score_submission(submission, truth, shape=shape)
+    if size_edges is None:
+        size_edges = module_config.get_cfg(None).SUBMIT.SIZE_BUCKET_EDGES
+    return module_metric.score_submission(submission, truth, shape=shape, size_edges=[float(e) for e in size_edges])
 
 
-# ============================================================================ tune
-@dataclasses.dataclass
-class TuneImage:
-    """The cached model outputs and truth of one validation image; masks as COCO RLE of (H, W)."""
-
-    image_id: str
-    file_name: str
-    p_ship: float  # classifier probability (NaN: unreadable; then gated out at every threshold)
-    pred_rles: list  # one COCO RLE dict per detection
-    scores: np.ndarray  # (N,) float32, the detections' scores
-    true_rles: list  # one COCO RLE dict per true ship
-    shape: tuple[int, int]  # (H, W)
-
-    @classmethod
-    def from_masks(cls, image_id: str, file_name: str, p_ship: float, pred_masks: np.ndarray,
-                   scores: np.ndarray, true_masks: np.ndarray) -> "TuneImage":
-        """From ``(N, H, W)`` predicted and ``(M, H, W)`` true bool masks of one image."""
-        shape = tuple(int(v) for v in (pred_masks if len(pred_masks) else true_masks).shape[1:])
-        return cls(image_id, file_name, float(p_ship), masks_to_coco(np.asarray(pred_masks, bool)),
-                   np.asarray(scores, dtype=np.float32), masks_to_coco(np.asarray(true_masks, bool)), shape)
-
-    def decode(self, crop: bool = True) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
-        """``(pred (N, h, w), true (M, h, w), (row, col) offset)`` bool masks.
-
-        With ``crop``, both are cut to the bounding box of all of them: that changes neither IoU,
-        nor pixel ownership, nor areas, and makes the sweep work on small arrays.
-        """
-        pred, true = coco_to_masks(self.pred_rles, self.shape), coco_to_masks(self.true_rles, self.shape)
-        return crop_to_common_frame(pred, true) if crop else (pred, true, (0, 0))
-
-
-def crop_to_common_frame(pred_masks: np.ndarray, true_masks: np.ndarray) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
-    """Crop ``(N, H, W)`` and ``(M, H, W)`` bool masks to the bounding box of all of them.
-
-    Returns ``(pred, true, (row, column) offset)``; an image without any mask gets a 0x0 frame.
-    """
-    union = np.zeros(pred_masks.shape[1:] if len(pred_masks) else true_masks.shape[1:], dtype=bool)
-    for masks in (pred_masks, true_masks):
-        if len(masks):
-            union |= masks.any(axis=0)
-    rows, cols = np.nonzero(union.any(axis=1))[0], np.nonzero(union.any(axis=0))[0]
-    if len(rows) == 0:
-        return pred_masks[:, :0, :0], true_masks[:, :0, :0], (0, 0)
-    y0, y1, x0, x1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
-    return pred_masks[:, y0:y1, x0:x1], true_masks[:, y0:y1, x0:x1], (int(y0), int(x0))
-
-
-def collect_tune_cache(dicts: Sequence[dict], detect_fn: DetectFn, p_ship_fn: PShipFn | None = None,
-                       batch_size: int = 8, min_score: float = 0.0, load_image: LoadImageFn = read_image,
-                       progress: bool = True) -> list[TuneImage]:
-    """Run the classifier and the (ungated) detector once over validation dataset dicts.
-
-    Every image goes through the detector, so that any classifier threshold can be evaluated
-    afterwards without a model; detections below ``min_score`` (the lowest score threshold of
-    the grid) are not kept. ``p_ship_fn`` None: p_ship is 1 for every image. Truth comes from
-    the dicts' ``annotations`` (COCO RLE ``segmentation``).
-    """
-    paths = [Path(d["file_name"]) for d in dicts]
-    p_ship = (np.asarray(p_ship_fn(paths), dtype=np.float64) if p_ship_fn is not None and paths
-              else np.ones(len(paths)))
-    cache: list[TuneImage] = []
-    bar = tqdm(total=len(dicts), unit="img", desc="tune: detect", disable=not progress)
-    for start in range(0, len(dicts), batch_size):
-        batch = list(dicts[start:start + batch_size])
-        outputs = detect_fn([load_image(Path(d["file_name"])) for d in batch])
-        for k, (record, output) in enumerate(zip(batch, outputs)):
-            scores = np.asarray(output["scores"], dtype=np.float32)
-            keep = scores >= min_score
-            cache.append(TuneImage(str(record["image_id"]), str(record["file_name"]), float(p_ship[start + k]),
-                                   masks_to_coco(np.asarray(output["masks"], dtype=bool)[keep]), scores[keep],
-                                   [a["segmentation"] for a in record.get("annotations", [])],
-                                   (int(record["height"]), int(record["width"]))))
-        bar.update(len(batch))
-    bar.close()
-    return cache
-
-
-def _image_f2(true_masks: np.ndarray, pred_masks: np.ndarray) -> float:
-    if len(pred_masks) == 0:
-        return 1.0 if len(true_masks) == 0 else 0.0
-    if len(true_masks) == 0:
-        return 0.0
-    return float(module_metric.f2_masks(true_masks, pred_masks))
-
-
-def sweep_thresholds(cache: Sequence[TuneImage], classifier_thresholds: Sequence[float],
-                     score_thresholds: Sequence[float], min_areas: Sequence[int],
-                     progress: bool = True) -> pd.DataFrame:
-    """Mean F2 over the cached images for every (classifier, score, min area) combination.
-
-    An image with ``p_ship < classifier threshold`` gets no prediction (F2 1 if ship-free, else
-    0); otherwise its cached detections go through resolve_overlaps(score, min area) and the
-    metric. Each image is decoded once; the detector-side F2 of each (score, min area) is reused
-    for every classifier threshold. Returns a DataFrame [classifier_threshold, score_threshold,
-    min_area, f2] in grid order (classifier, then score, then min area).
-    """
-    if not len(cache):
-        raise ValueError("no validation images to tune on")
-    p_ship = np.array([c.p_ship for c in cache])
-    f2_empty = np.array([1.0 if len(c.true_rles) == 0 else 0.0 for c in cache])
-    combos = [(float(s), int(a)) for s in score_thresholds for a in min_areas]
-    detector_f2 = np.repeat(f2_empty[:, None], len(combos), axis=1)  # (images, combos)
-    for k, image in enumerate(tqdm(cache, desc="tune: sweep", unit="img", disable=not progress)):
-        if not len(image.pred_rles):
-            continue
-        pred, true, _ = image.decode()
-        for j, (score, min_area) in enumerate(combos):
-            kept, _ = resolve_overlaps(pred, image.scores, score_threshold=score, min_area=min_area)
-            detector_f2[k, j] = _image_f2(true, kept)
-    rows = []
-    for c in classifier_thresholds:
-        passed = p_ship >= c  # NaN (unreadable) never passes
-        for j, (score, min_area) in enumerate(combos):
-            f2 = np.where(passed, detector_f2[:, j], f2_empty)
-            rows.append((float(c), score, min_area, float(f2.mean())))
-    return pd.DataFrame(rows, columns=["classifier_threshold", "score_threshold", "min_area", "f2"])
-
-
-def _cache_fingerprint(*paths: Path | None) -> str:
-    digest = hashlib.sha256()
-    for path in paths:
-        if path is not None:
-            stat = Path(path).stat()
-            digest.update(f"{Path(path).resolve()}:{stat.st_size}:{stat.st_mtime_ns};".encode())
-    return digest.hexdigest()
-
-
-def choose_thresholds(grid: pd.DataFrame) -> tuple[Thresholds, float]:
-    """The setting with the highest F2; ties go to the first in grid order. -> (Thresholds, f2)."""
-    best = grid.loc[grid["f2"].idxmax()]
-    return Thresholds(float(best["classifier_threshold"]), float(best["score_threshold"]),
-                      int(best["min_area"])), float(best["f2"])
-
-
-def write_thresholds(path: str | Path, thresholds: Thresholds, f2: float, extra: dict | None = None) -> Path:
-    """Write the tuned thresholds (and the local F2 they reached) to ``path`` atomically."""
-    path = Path(path)
-    body = {"thresholds": thresholds.as_config(), "validation_f2": float(f2), **(extra or {})}
-    with atomic_path(path) as tmp:
-        tmp.write_text(yaml.safe_dump(body, sort_keys=False))
-    return path
-
-
-def tune(cache: Sequence[TuneImage], cfg, progress: bool = True) -> tuple[Thresholds, float, pd.DataFrame]:
-    """Sweep the SUBMIT.TUNE_* grids on ``cache``; write thresholds.yaml, the grid CSV and the plots
-    into the run folder. Returns ``(chosen thresholds, their F2, grid)``.
-    """
-    grid = sweep_thresholds(cache, cfg.SUBMIT.TUNE_CLASSIFIER_THRESHOLDS, cfg.SUBMIT.TUNE_SCORE_THRESHOLDS,
-                            cfg.SUBMIT.TUNE_MIN_AREAS, progress=progress)
-    chosen, f2 = choose_thresholds(grid)
-    with atomic_path(get_submission_path(cfg, "tune_grid")) as tmp:
-        grid.to_csv(tmp, index=False)
-    config_f2 = grid.loc[(grid["classifier_threshold"] == cfg.SUBMIT.CLASSIFIER_THRESHOLD)
-                         & (grid["score_threshold"] == cfg.SUBMIT.SCORE_THRESHOLD)
-                         & (grid["min_area"] == cfg.SUBMIT.MIN_AREA), "f2"]
-    ungated = grid.loc[grid["classifier_threshold"] <= 0, "f2"]  # threshold 0: the detector alone, no gate
-    detector_alone_f2 = float(ungated.max()) if len(ungated) else None
-    all_empty_f2 = float(np.mean([len(c.true_rles) == 0 for c in cache]))
-    write_thresholds(get_submission_path(cfg, "thresholds"), chosen, f2, {
-        "n_validation_images": len(cache),
-        "config_thresholds_f2": float(config_f2.iloc[0]) if len(config_f2) else None,
-        "all_empty_f2": all_empty_f2,
-        "detector_alone_f2": detector_alone_f2,
-    })
-    logger.info("detector alone (classifier threshold 0): best F2 %s; predicting no ship anywhere: F2 %.4f",
-                "not in the grid" if detector_alone_f2 is None else f"{detector_alone_f2:.4f}", all_empty_f2)
-    module_plots.save_figure(module_plots.plot_tune_grid(grid, chosen.classifier, chosen.score, chosen.min_area),
-                             get_plot_path(cfg, "tune_f2"), dpi=100)
-    module_plots.save_figure(plot_tune_overlays(cache, chosen), get_plot_path(cfg, "val_overlays"), dpi=80)
-    return chosen, f2, grid
-
-
-def _kept_masks(image: TuneImage, thresholds: Thresholds) -> np.ndarray:
-    """The masks a submission would keep for a cached image at ``thresholds`` (gate included)."""
-    pred, _, _ = image.decode(crop=False)
-    if not image.p_ship >= thresholds.classifier or not len(pred):
-        return pred[:0]
-    return resolve_overlaps(pred, image.scores, score_threshold=thresholds.score, min_area=thresholds.min_area)[0]
-
-
-def plot_tune_overlays(cache: Sequence[TuneImage], thresholds: Thresholds, count: int = 8,
-                       load_image: LoadImageFn = read_image):
-    """GT/prediction overlays of a sample of validation images at ``thresholds`` (gate included)."""
-    # Sampling needs the number of kept predictions of ship-free images: count those only.
-    n_kept = [len(_kept_masks(c, thresholds)) if not c.true_rles and c.pred_rles else 0 for c in cache]
-    chosen = module_plots.pick_overlay_sample([len(c.true_rles) > 0 for c in cache], n_kept, count)
-    images, trues, preds, titles = [], [], [], []
-    for k in chosen:
-        image = cache[k]
-        true, pred = coco_to_masks(image.true_rles, image.shape), _kept_masks(image, thresholds)
-        images.append(load_image(Path(image.file_name)))
-        trues.append(true)
-        preds.append(pred)
-        titles.append(f"{image.image_id} p_ship {image.p_ship:.2f}\n"
-                      f"F2 {_image_f2(true, pred):.2f} ({len(true)} true, {len(pred)} pred)")
-    return module_plots.plot_overlays(images, trues, preds, titles)
-
-
-@dataclasses.dataclass
-class TuneResult:
-    """What :func:`tune_thresholds` chose and where it wrote it."""
-
-    thresholds: Thresholds
-    f2: float  # validation F2 at the chosen thresholds
-    grid: pd.DataFrame  # every setting tried: classifier_threshold, score_threshold, min_area, f2
-    paths: dict  # thresholds (yaml), grid (csv), cache (pkl), plots
-
-
-def tune_thresholds(cfg, val_dicts: Sequence[dict] | None = None, classifier: str | Path | None = None,
-                    weights: str | Path | None = None, reuse_cache: bool = True, progress: bool = True) -> TuneResult:
-    """Choose the three thresholds for the local F2 on the validation split; write thresholds.yaml.
-
-    ``val_dicts`` default to the run's validation split (``module_preprocessing.get_train_val_dicts``).
-    Both models run once over the split (ungated, every detection above the grid's lowest score
-    kept) into ``tune_cache.pkl``, which is reused while the models and images are the same
-    (``reuse_cache``); then the ``SUBMIT.TUNE_*`` grids are swept (:func:`tune`). Without a
-    classifier export the tuning is ungated (p_ship = 1).
-    """
-    if val_dicts is None:
-        import module_preprocessing
-
-        _, val_dicts = module_preprocessing.get_train_val_dicts(cfg)
-    classifier = Path(classifier) if classifier else module_config.get_classifier_path(cfg)
-    weights = Path(weights) if weights else get_default_weights_path(cfg)
-    use_classifier = classifier.is_file()
-    if not use_classifier:
-        logger.warning("no classifier at %s: tuning ungated (p_ship = 1 for every image)", classifier)
-    fingerprint = _cache_fingerprint(weights, classifier if use_classifier else None) + str(
-        [d["image_id"] for d in val_dicts]) + str(min(cfg.SUBMIT.TUNE_SCORE_THRESHOLDS)) + str(
-        [cfg.SUBMIT.TTA, cfg.CLASSIFIER.TTA, cfg.CLASSIFIER.PRECISION])
-    cache_path = get_submission_path(cfg, "tune_cache")
-    cache = None
-    if reuse_cache and cache_path.is_file():
-        stored = pickle.loads(cache_path.read_bytes())
-        if stored.get("fingerprint") == fingerprint:
-            cache = stored["images"]
-            logger.info("tuning: reused the model outputs cached in %s (same models and images)", cache_path)
-        else:
-            logger.info("tuning: %s was made with other models or images: recomputing", cache_path)
-    if cache is None:
-        p_ship_fn = build_p_ship_fn(cfg, classifier) if use_classifier else None
-        cache = collect_tune_cache(val_dicts, build_detect_fn(cfg, weights), p_ship_fn,
-                                   batch_size=cfg.SUBMIT.BATCH_SIZE, min_score=min(cfg.SUBMIT.TUNE_SCORE_THRESHOLDS),
-                                   progress=progress)
-        with atomic_path(cache_path) as tmp:
-            tmp.write_bytes(pickle.dumps({"fingerprint": fingerprint, "images": cache}))
-    chosen, f2, grid = tune(cache, cfg, progress=progress)
-    paths = {"thresholds": get_submission_path(cfg, "thresholds"), "grid": get_submission_path(cfg, "tune_grid"),
-             "cache": cache_path, "plot": get_plot_path(cfg, "tune_f2"), "overlays": get_plot_path(cfg, "val_overlays")}
-    logger.info("chosen on %d validation images: %s -> F2 %.4f; written to %s", len(cache), chosen.as_config(), f2,
-                paths["thresholds"])
-    return TuneResult(chosen, f2, grid, paths)
+def write_score_errors(cfg, result: module_metric.ScoreResult, title: str = "test submission") -> dict[str, Path]:
+    """The error report of a scored submission into the run folder: its long table
+    (``submission/score_errors.csv``) and its picture (``plots/score_errors.png``)."""
+    if result.errors is None:
+        raise ValueError("the score has no error report: score it with score_report")
+    paths = {"errors": get_submission_path(cfg, "score_errors"), "errors_plot": get_plot_path(cfg, "score_errors")}
+    with atomic_path(paths["errors"]) as tmp:
+        module_metric.error_report_to_frame(result.errors).to_csv(tmp, index=False)
+    module_plots.save_figure(module_plots.plot_error_report(result.errors, title), paths["errors_plot"], dpi=90)
+    return paths
 
 
 # ============================================================================ predict: the run's submission
@@ -639,7 +405,8 @@ def predict_submission(cfg, images: str | Path | None = None, ids: str | Path | 
     detect_fn = build_detect_fn(cfg, weights)
     result = predict_rows(image_ids, image_dir, detect_fn, thresholds, p_ship_fn=p_ship_fn,
                           batch_size=cfg.SUBMIT.BATCH_SIZE, chunk_size=4 * cfg.CLASSIFIER.BATCH_SIZE,
-                          load_image=lambda path: read_image(path, cfg.DATA.IMAGE_SIZE), progress=progress)
+                          load_image=lambda path: read_image(path, cfg.DATA.IMAGE_SIZE), progress=progress,
+                          progress_path=module_config.get_progress_path(cfg))
     write_submission(result.rows, out)
     failures_path = write_failure_report(result.failures, out)
     p_ship_path = out.with_name(f"{out.stem}_p_ship.csv")
@@ -703,6 +470,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     score.add_argument("--json", action="store_true", help="print one JSON object (f2, breakdowns, per-image scores)")
     score.add_argument("--per-image-csv", default=None, help="also write the per-image scores to this CSV")
     score.add_argument("--image-size", type=int, default=KAGGLE_SHAPE[0], help="image side in px (Kaggle: 768)")
+    score.add_argument("--config", default=None,
+                       help="write the error report (table and picture) into this config's run folder, with its "
+                            "SUBMIT.SIZE_BUCKET_EDGES (default: print it only, default config's size buckets)")
+    score.add_argument("opts", nargs=argparse.REMAINDER, default=[], help="config overrides (with --config)")
 
     visualize = commands.add_parser("visualize", help="ground-truth/prediction overlays of a submission")
     visualize.add_argument("--submission", required=True)
@@ -753,10 +524,13 @@ def _main_merge(args: argparse.Namespace) -> int:
 def _main_tune(args: argparse.Namespace) -> int:
     cfg = get_cfg_from_args(args)
     import module_synthetic
+    import module_tuning  # only here: the rest of this module does not need it
 
     module_synthetic.prepare_synthetic_input(cfg)
-    result = tune_thresholds(cfg, classifier=args.classifier, weights=args.weights, reuse_cache=not args.fresh,
-                             progress=not args.no_progress)
+    result = module_tuning.tune_thresholds(cfg, classifier=args.classifier, weights=args.weights,
+                                           reuse_cache=not args.fresh, progress=not args.no_progress)
+    print(module_metric.format_error_report(result.errors))
+    print(f"expected F2 {result.target_f2:.6f} at {result.target_empty_fraction:.1%} ship-free images")
     print(f"F2 {result.f2:.6f}")
     return 0
 
@@ -775,7 +549,14 @@ def _main_validate(args: argparse.Namespace) -> int:
 
 
 def _main_score(args: argparse.Namespace) -> int:
-    result = score_report(args.submission, args.truth, (args.image_size, args.image_size))
+    if args.opts and not args.config:
+        raise ValueError(f"config overrides {args.opts} need --config")
+    cfg = get_cfg_from_args(args) if args.config else None
+    result = score_report(args.submission, args.truth, (args.image_size, args.image_size),
+                          size_edges=cfg.SUBMIT.SIZE_BUCKET_EDGES if cfg is not None else None)
+    if cfg is not None:
+        for what, path in write_score_errors(cfg, result, f"{args.submission}").items():
+            logger.info("wrote %s: %s", what, path)
     if args.per_image_csv:
         with atomic_path(args.per_image_csv) as tmp:
             result.per_image.to_csv(tmp, index=False)

@@ -1,7 +1,6 @@
 """The pipeline config: defaults in one place, strict merging, saved with the run."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,7 @@ import module_config
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("name", ["airbus.yaml", "demo.yaml"])
+@pytest.mark.parametrize("name", ["airbus.yaml", "demo.yaml", "tiny.yaml"])
 def test_shipped_configs_load(name):
     cfg = module_config.get_cfg(ROOT / "configs" / name)
     assert cfg.MODEL.ROI_HEADS.NUM_CLASSES == 1
@@ -91,21 +90,6 @@ def test_every_project_default_has_a_comment():
     assert not undocumented, undocumented
 
 
-def test_atomic_path_keeps_old_file_on_failure(tmp_path):
-    target = tmp_path / "out.csv"
-    target.write_text("old")
-    with pytest.raises(RuntimeError):
-        with module_config.atomic_path(target) as tmp:
-            tmp.write_text("half-written")
-            raise RuntimeError("crash")
-    assert target.read_text() == "old"
-    assert list(tmp_path.iterdir()) == [target]
-    with module_config.atomic_path(target) as tmp:
-        assert tmp.suffix == ".csv" and tmp != target
-        tmp.write_text("new")
-    assert target.read_text() == "new"
-
-
 def test_input_paths_resolve_against_input_dir(tmp_path):
     cfg = module_config.get_cfg(None, ["PATHS.INPUT_DIR", str(tmp_path)])
     assert module_config.get_input_path(cfg, cfg.DATA.TRAIN_CSV) == tmp_path / "train_ship_segmentations_v2.csv"
@@ -118,11 +102,124 @@ def test_integer_override_of_a_float_key_is_taken_as_float():
     assert cfg.SUBMIT.SCORE_THRESHOLD == 1.0
 
 
-def test_atomic_path_gives_the_file_umask_permissions(tmp_path):
-    old = os.umask(0o022)
-    try:
-        with module_config.atomic_path(tmp_path / "out.txt") as tmp:
-            tmp.write_text("x")
-    finally:
-        os.umask(old)
-    assert (tmp_path / "out.txt").stat().st_mode & 0o777 == 0o644
+def test_tiny_config_is_the_demo_at_tiny_sizes():
+    tiny = module_config.get_cfg(ROOT / "configs" / "tiny.yaml")
+    assert tiny.SYNTH.ENABLED and tiny.SYNTH.IMAGE_SIZE == tiny.DATA.IMAGE_SIZE == tiny.CLASSIFIER.IMAGE_SIZE == 64
+    assert tiny.MODEL.WEIGHTS == "" and not tiny.CLASSIFIER.PRETRAINED and tiny.PATHS.RUN_NAME == "tiny"
+    assert all(size % 32 == 0 for size, *_ in tiny.DETECTOR.STAGES)
+
+
+# ---------------------------------------------------------------- overrides
+@pytest.mark.parametrize("opts, expected", [
+    (["CLASSIFIER.EPOCHS=2"], ["CLASSIFIER.EPOCHS", "2"]),
+    (["CLASSIFIER.EPOCHS", "2", "PATHS.RUN_NAME=a=b"], ["CLASSIFIER.EPOCHS", "2", "PATHS.RUN_NAME", "a=b"]),
+    (["PATHS.RUN_NAME", "x=1"], ["PATHS.RUN_NAME", "x=1"]),  # a value with "=" in it stays a value
+    ([], []),
+])
+def test_parse_overrides(opts, expected):
+    assert module_config.parse_overrides(opts) == expected
+
+
+def test_key_equals_value_overrides_are_accepted_by_get_cfg():
+    cfg = module_config.get_cfg(ROOT / "configs" / "demo.yaml",
+                                ["CLASSIFIER.EPOCHS=3", "PATHS.RUN_NAME", "x=y", "DETECTOR.STAGES=[[64, 2, 0.01, 0]]"])
+    assert cfg.CLASSIFIER.EPOCHS == 3 and cfg.PATHS.RUN_NAME == "x=y"
+    assert [list(s) for s in cfg.DETECTOR.STAGES] == [[64, 2, 0.01, 0]]
+    with pytest.raises(KeyError, match="CLASIFIER.EPOCHS"):
+        module_config.get_cfg(None, ["CLASIFIER.EPOCHS=2"])
+    with pytest.raises(ValueError, match="KEY VALUE pairs"):
+        module_config.parse_overrides(["CLASSIFIER.EPOCHS=2", "CLASSIFIER.LR"])
+
+
+# ---------------------------------------------------------------- valid values
+@pytest.mark.parametrize("key, value, expected", [
+    ("SUBMIT.SCORE_THRESHOLD", "1.5", "SUBMIT.SCORE_THRESHOLD is 1.5; expected a number in [0, 1]"),
+    ("SUBMIT.CLASSIFIER_THRESHOLD", "-0.1", "SUBMIT.CLASSIFIER_THRESHOLD is -0.1; expected a number in [0, 1]"),
+    ("DATA.VAL_FRACTION", "1.0", "DATA.VAL_FRACTION is 1.0; expected a number in (0, 1)"),
+    ("SUBMIT.MIN_AREA", "-3", "SUBMIT.MIN_AREA is -3; expected an integer >= 0"),
+    ("CLASSIFIER.EPOCHS", "0", "CLASSIFIER.EPOCHS is 0; expected an integer >= 1"),
+    ("CLASSIFIER.BALANCE", "oversample", "CLASSIFIER.BALANCE is 'oversample'; expected one of 'weights', 'sampler', "
+                                         "'none'"),
+    ("DETECTOR.BEST_METRIC", "segm_AP", "DETECTOR.BEST_METRIC is 'segm_AP'; expected one of 'f2_ships', 'f2'"),
+    ("SUBMIT.TUNE_MIN_AREAS", "[]", "SUBMIT.TUNE_MIN_AREAS is []; expected a non-empty list, each an integer >= 0"),
+    ("SUBMIT.MAX_FAILED", "-1", "SUBMIT.MAX_FAILED is -1.0; expected a number >= 0"),
+    ("CLASSIFIER.TIME_BUDGET_MIN", "-5", "CLASSIFIER.TIME_BUDGET_MIN is -5.0; expected a number >= 0"),
+])
+def test_values_out_of_range_name_the_key_the_value_and_the_range(key, value, expected):
+    with pytest.raises(ValueError) as info:
+        module_config.get_cfg(ROOT / "configs" / "demo.yaml", [key, value])
+    assert expected in str(info.value)
+
+
+def test_values_in_range_and_the_new_keys_defaults():
+    cfg = module_config.get_cfg(None, ["SUBMIT.SCORE_THRESHOLD", "1", "DATA.VAL_FRACTION", "0.5", "SUBMIT.MAX_FAILED", "3"])
+    assert cfg.SUBMIT.SCORE_THRESHOLD == 1.0 and cfg.SUBMIT.MAX_FAILED == 3
+    defaults = module_config.get_cfg(None)
+    assert defaults.SUBMIT.MAX_FAILED == 0.01
+    assert defaults.CLASSIFIER.TIME_BUDGET_MIN == 0.0 and defaults.DETECTOR.TIME_BUDGET_MIN == 0.0
+    assert set(module_config.VALID) >= {"SUBMIT.SCORE_THRESHOLD", "SUBMIT.MAX_FAILED", "CLASSIFIER.TIME_BUDGET_MIN",
+                                        "DETECTOR.TIME_BUDGET_MIN"}
+
+
+def test_value_out_of_range_in_a_file_names_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"_BASE_: {ROOT / 'configs' / 'demo.yaml'}\nSUBMIT:\n  SCORE_THRESHOLD: 1.5\n")
+    with pytest.raises(ValueError, match=r"bad.yaml: SUBMIT.SCORE_THRESHOLD is 1.5; expected a number in \[0, 1\]"):
+        module_config.get_cfg(bad)
+
+
+def test_a_malformed_stage_list_is_a_config_error():
+    with pytest.raises(ValueError, match="DETECTOR.STAGES entry 1 .*multiple of 32"):
+        module_config.get_cfg(None, ["DETECTOR.STAGES", "[[100, 2, 0.01, 0]]"])
+
+
+# ---------------------------------------------------------------- the command lines
+def _parsers():
+    import module_classifier
+    import module_preprocessing
+    import module_submit
+    import module_synthetic
+    import module_train
+    import run_notebook
+
+    return {
+        "module_preprocessing dicts": (module_preprocessing.get_args_parser(), ["dicts"]),
+        "module_preprocessing split": (module_preprocessing.get_args_parser(), ["split", "--out", "s.csv"]),
+        "module_classifier train": (module_classifier.get_args_parser(), ["train"]),
+        "module_classifier predict": (module_classifier.get_args_parser(), ["predict", "--images", "i", "--out", "o"]),
+        "module_train": (module_train.get_args_parser(), []),
+        "module_submit predict": (module_submit.get_args_parser(), ["predict"]),
+        "module_submit tune": (module_submit.get_args_parser(), ["tune"]),
+        "module_synthetic": (module_synthetic.get_args_parser(), []),
+        "run_notebook": (run_notebook.get_args_parser(), []),
+    }
+
+
+def test_every_command_line_defaults_to_the_airbus_config_and_takes_overrides():
+    for name, (parser, argv) in _parsers().items():
+        args = parser.parse_args(argv)
+        assert args.config == module_config.DEFAULT_CONFIG == "configs/airbus.yaml", name
+        assert args.opts == [], name
+        args = parser.parse_args([*argv, "--config", "configs/tiny.yaml", "SUBMIT.MIN_AREA=5", "CLASSIFIER.EPOCHS", "2"])
+        assert args.opts == ["SUBMIT.MIN_AREA=5", "CLASSIFIER.EPOCHS", "2"], name
+        cfg = module_config.get_cfg_from_args(args)
+        assert (cfg.SUBMIT.MIN_AREA, cfg.CLASSIFIER.EPOCHS, cfg.PATHS.RUN_NAME) == (5, 2, "tiny"), name
+
+
+# ---------------------------------------------------------------- the run folder's layout
+def test_run_folder_paths_have_one_name_each(tmp_path):
+    cfg = module_config.get_cfg(ROOT / "configs" / "tiny.yaml", ["PATHS.RUNS_DIR", str(tmp_path)])
+    run = tmp_path / "tiny"
+    stage = module_config.get_stages(cfg)[0]
+    assert module_config.get_classifier_path(cfg) == run / "classifier" / "export.pkl"
+    assert module_config.get_classifier_path(cfg, "history") == run / "classifier" / "history.csv"
+    assert module_config.get_detector_path(cfg) == run / "detector" / "model_best.pth"
+    assert module_config.get_detector_path(cfg, "val_metrics") == run / "detector" / "val_metrics.jsonl"
+    assert module_config.get_stage_dir(cfg, stage) == run / "detector" / "stage1_64"
+    assert module_config.get_stage_path(cfg, stage, "last_checkpoint") == run / "detector" / "stage1_64" / "last_checkpoint"
+    assert module_config.get_submission_path(cfg) == run / "submission" / "submission.csv"
+    assert module_config.get_submission_path(cfg, "thresholds") == run / "submission" / "thresholds.yaml"
+    assert module_config.get_plot_path(cfg, "tune_f2") == run / "plots" / "tune_f2.png"
+    assert module_config.get_split_path(cfg) == run / "split.csv" and module_config.get_scores_path(cfg) == run / "scores.json"
+    with pytest.raises(KeyError, match=r"detector file 'bestest': expected one of \['best', 'best_info'"):
+        module_config.get_detector_path(cfg, "bestest")

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 import module_metric
-from module_preprocessing import kaggle_rles_to_coco, rle_encode
+from module_rle import kaggle_rles_to_coco, rle_encode
 
 SHAPE = (24, 40)  # (H, W), not square: a transposed mask would not even fit
 
@@ -185,3 +185,29 @@ def test_real_truth_scores_itself_one_and_blank_scores_ship_free_share(airbus_tr
     assert result.f2 == pytest.approx(ship_free)  # 24 of the 64 images
     assert result.per_threshold["tp"].sum() == 0
     assert result.per_threshold["fn"].iloc[0] == (truth["EncodedPixels"] != "").sum()
+
+
+def test_rows_of_csv_files_are_named_by_file_and_line(tmp_path):
+    submission, truth = _frames()
+    submission.loc[submission.ImageId == "c.jpg", "EncodedPixels"] = "1 2 3"  # odd token count
+    submission.to_csv(tmp_path / "submission.csv", index=False)
+    truth.to_csv(tmp_path / "truth.csv", index=False)
+    table = module_metric.read_rle_table(tmp_path / "submission.csv", "submission")
+    assert list(table.columns) == ["ImageId", "EncodedPixels", "source_row"]
+    assert table["source_row"].tolist() == [f"{tmp_path / 'submission.csv'} line {n}" for n in range(2, 7)]
+    assert table["EncodedPixels"].iloc[0] == ""  # a blank field, not NaN
+    with pytest.raises(ValueError, match=rf"{tmp_path / 'submission.csv'} line 5, ImageId c.jpg: invalid EncodedPixels"):
+        module_metric.score_submission(tmp_path / "submission.csv", tmp_path / "truth.csv", shape=SHAPE)
+    frame_rows = module_metric.read_rle_table(truth, "truth")["source_row"]
+    assert frame_rows.iloc[0] == "truth row 0"
+
+
+def test_a_csv_with_an_extra_column_or_no_rows_is_rejected_naming_it(tmp_path):
+    submission, truth = _frames()
+    truth.to_csv(tmp_path / "truth.csv", index=False)
+    submission.assign(Confidence=0.5).to_csv(tmp_path / "extra.csv", index=False)
+    with pytest.raises(ValueError, match="extra.csv: the header is 'ImageId,EncodedPixels,Confidence'"):
+        module_metric.score_submission(tmp_path / "extra.csv", tmp_path / "truth.csv", shape=SHAPE)
+    (tmp_path / "header_only.csv").write_text("ImageId,EncodedPixels\n")
+    with pytest.raises(ValueError, match="header_only.csv: only a header"):
+        module_metric.score_submission(submission, tmp_path / "header_only.csv", shape=SHAPE)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-from pathlib import Path
 
 import nbformat
 import numpy as np
@@ -19,30 +18,31 @@ import pandas as pd
 import pytest
 
 import run_notebook
-from module_config import get_cfg, get_input_path
+from module_config import get_cfg, get_input_path, get_scores_path
 from module_submit import validate_submission
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY_CONFIG = ROOT / "configs" / "tiny.yaml"
 CELL_TIMEOUT_S = 600  # one cell; the whole tiny run takes ~2 minutes
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    """``run_notebook.main`` on the tiny config in a temporary folder; yields its result and config."""
+def tiny_run(tmp_path_factory, tiny_config):
+    """``run_notebook.main`` on the tiny config in a temporary folder (its data generated there too);
+    yields its result and config."""
     tmp = tmp_path_factory.mktemp("notebook")
     opts = ["PATHS.RUNS_DIR", str(tmp / "runs"), "PATHS.INPUT_DIR", str(tmp / "input")]
     args = run_notebook.get_args_parser().parse_args(
-        ["--config", str(TINY_CONFIG), "--cell-timeout", str(CELL_TIMEOUT_S), *opts])
+        ["--config", str(tiny_config), "--cell-timeout", str(CELL_TIMEOUT_S), *opts])
+    assert not args.fresh
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         result = run_notebook.main(args)
     print(printed.getvalue())
-    cfg = get_cfg(TINY_CONFIG, opts)
+    cfg = get_cfg(tiny_config, opts)
     executed = nbformat.read(str(result["notebook"]), as_version=4)
-    yield {"result": result, "cfg": cfg, "notebook": executed, "tmp": tmp, "printed": printed.getvalue()}
+    yield {"result": result, "cfg": cfg, "notebook": executed, "tmp": tmp, "printed": printed.getvalue(),
+           "config": tiny_config}
 
 
 def code_cells(notebook) -> list:
@@ -91,7 +91,8 @@ def test_papermill_injected_the_parameters_after_the_parameters_cell(tiny_run):
     tags = [c.metadata.get("tags", []) for c in cells]
     assert "parameters" in tags[0]
     assert "injected-parameters" in tags[1]
-    assert str(TINY_CONFIG) in cells[1].source
+    assert str(tiny_run["config"]) in cells[1].source
+    assert "FRESH = False" in cells[1].source  # run_notebook without --fresh continues the run
 
 
 def test_pictures_tables_and_progress_bars_are_in_the_outputs(tiny_run):
@@ -111,15 +112,15 @@ def test_submission_is_valid_and_the_notebook_says_so(tiny_run):
     ids = get_input_path(cfg, cfg.DATA.SAMPLE_SUBMISSION)
     size = cfg.DATA.IMAGE_SIZE
     assert validate_submission(submission, ids, (size, size)) == []
-    validate_cell = next(c for c in code_cells(tiny_run["notebook"]) if '"validate"' in c.source)
+    validate_cell = next(c for c in code_cells(tiny_run["notebook"]) if "validate_submission(" in c.source)
     text = cell_text(validate_cell)
     assert f"VALID: {submission}" in text and "INVALID" not in text
 
 
 def test_scores_json_holds_the_local_f2_and_the_baseline(tiny_run):
-    run_dir = tiny_run["result"]["run_dir"]
-    scores = json.loads((run_dir / run_notebook.SCORES_FILE).read_text())
-    assert scores == tiny_run["result"]["scores"] == run_notebook.read_scores(run_dir)
+    scores = json.loads(get_scores_path(tiny_run["cfg"]).read_text())
+    assert get_scores_path(tiny_run["cfg"]) == tiny_run["result"]["run_dir"] / "scores.json"
+    assert scores == tiny_run["result"]["scores"] == run_notebook.read_scores(tiny_run["cfg"])
     assert 0.0 <= scores["f2"] <= 1.0
     assert 0.0 <= scores["all_empty_f2"] <= 1.0
     assert scores["n_images"] == tiny_run["cfg"].SYNTH.N_TEST
@@ -143,6 +144,12 @@ def test_main_prints_the_score_the_baseline_and_where_to_look(tiny_run):
     assert f"all-empty baseline F2 (no ship predicted anywhere): {scores['all_empty_f2']:.4f}" in printed
     for path in (result["notebook"], result["html"], result["run_dir"] / "submission" / "submission.csv"):
         assert str(path) in printed
+
+
+def test_fresh_is_a_command_line_flag_of_the_runner():
+    parser = run_notebook.get_args_parser()
+    assert not parser.parse_args([]).fresh and parser.parse_args(["--fresh"]).fresh
+    assert parser.parse_args([]).config == "configs/airbus.yaml"
 
 
 def test_a_failing_cell_still_saves_the_executed_notebook(tmp_path):
@@ -191,10 +198,26 @@ def test_stage_metrics_are_read_in_stage_order_without_set_aside_runs(tmp_path):
     assert [m["total_loss"].item() for m in metrics.values()] == [1.0, 2.0, 3.0]
 
 
-def test_write_scores_without_truth_removes_a_stale_file(tmp_path):
-    (tmp_path / run_notebook.SCORES_FILE).write_text('{"f2": 0.5}')
-    assert run_notebook.write_scores(tmp_path, None, what="test images") is None
-    assert run_notebook.read_scores(tmp_path) is None
+def test_write_scores_without_truth_removes_a_stale_file(tiny_cfg):
+    cfg = tiny_cfg()
+    get_scores_path(cfg).write_text('{"f2": 0.5}')
+    assert run_notebook.read_scores(cfg) == {"f2": 0.5}
+    assert run_notebook.write_scores(cfg, None, what="test images") is None
+    assert run_notebook.read_scores(cfg) is None and not get_scores_path(cfg).exists()
+
+
+def test_write_scores_keeps_the_f2_and_the_all_empty_baseline(tiny_cfg):
+    import module_metric
+
+    cfg = tiny_cfg()
+    truth = pd.DataFrame({"ImageId": ["a.jpg", "b.jpg", "c.jpg", "d.jpg"], "EncodedPixels": ["1 3", "", "", "5 2"]})
+    submission = pd.DataFrame({"ImageId": ["a.jpg", "b.jpg", "c.jpg", "d.jpg"], "EncodedPixels": ["1 3", "", "1 1", ""]})
+    result = module_metric.score_submission(submission, truth, shape=(4, 4))
+    path = run_notebook.write_scores(cfg, result, what="hand-made images")
+    assert path == get_scores_path(cfg)
+    scores = run_notebook.read_scores(cfg)
+    assert scores["f2"] == pytest.approx((1 + 1 + 0 + 0) / 4) and scores["what"] == "hand-made images"
+    assert scores["all_empty_f2"] == 0.5  # b and c are ship-free
 
 
 def test_submission_overlays_with_and_without_truth(tmp_path):

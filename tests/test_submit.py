@@ -15,9 +15,14 @@ import yaml
 from PIL import Image
 
 import module_config
-import module_preprocessing
+import module_files
+import module_inference
+import module_rle
 import module_submit
-from module_submit import Thresholds, TuneImage, get_args_parser, main
+import module_tuning
+from module_inference import Thresholds
+from module_submit import get_args_parser, main
+from module_tuning import TuneImage
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -65,7 +70,7 @@ def test_overlaps_resolved_exactly_by_score():
     rles = module_submit.instances_to_rles(masks, scores, Thresholds(0.5, score=0.5, min_area=3))
     # Column-major, 1-indexed on a 6-row image: A = rows 0-2 of cols 0 and 1 -> pixels 1-3, 7-9.
     assert rles == ["1 3 7 3", "10 3"]  # A whole; B keeps rows 3-5 of col 1 (pixels 10-12)
-    decoded = np.stack([module_preprocessing.rle_decode(r, SHAPE).astype(bool) for r in rles])
+    decoded = np.stack([module_rle.rle_decode(r, SHAPE).astype(bool) for r in rles])
     assert not (decoded[0] & decoded[1]).any()
     np.testing.assert_array_equal(decoded[1], rect(SHAPE, 3, 1, 3, 1))
 
@@ -149,7 +154,7 @@ def test_missing_and_corrupt_images_get_blank_rows_and_a_report(tmp_path):
     assert result.rows.loc[result.rows["ImageId"].isin(["b.jpg", "missing.jpg"]), "EncodedPixels"].eq("").all()
     out = tmp_path / "sub.csv"
     module_submit.write_submission(result.rows, out)
-    report = pd.read_csv(module_submit.write_failures(result.failures, out))
+    report = pd.read_csv(module_files.write_failure_report(result.failures, out))
     assert sorted(report["ImageId"]) == ["b.jpg", "missing.jpg"]
     assert module_submit.validate_submission(out, ids_csv, SHAPE) == []
 
@@ -160,19 +165,6 @@ def test_classifier_nan_is_a_failure_not_a_crash(tmp_path):
                                         p_ship_fn=lambda paths: np.array([np.nan, 0.9]), progress=False)
     assert list(result.failures["ImageId"]) == ["a.png"]
     assert result.rows.set_index("ImageId").loc["a.png", "EncodedPixels"] == ""
-
-
-# --------------------------------------------------------------------------- thresholds
-def test_thresholds_precedence_command_line_then_tuned_then_config(tmp_path):
-    cfg = module_config.get_cfg(None, ["PATHS.RUNS_DIR", str(tmp_path), "PATHS.RUN_NAME", "t"])
-    thresholds, sources = module_submit.get_thresholds(cfg)
-    assert thresholds == Thresholds(cfg.SUBMIT.CLASSIFIER_THRESHOLD, cfg.SUBMIT.SCORE_THRESHOLD, cfg.SUBMIT.MIN_AREA)
-    assert set(sources.values()) == {"config"}
-    module_submit.write_thresholds(module_submit.get_thresholds_path(cfg), Thresholds(0.3, 0.7, 40), f2=0.6)
-    thresholds, sources = module_submit.get_thresholds(cfg, overridden=["SUBMIT.MIN_AREA"])
-    assert (thresholds.classifier, thresholds.score) == (0.3, 0.7)
-    assert thresholds.min_area == cfg.SUBMIT.MIN_AREA and sources["MIN_AREA"] == "command line"
-    assert sources["SCORE_THRESHOLD"].endswith("thresholds.yaml")
 
 
 # --------------------------------------------------------------------------- shards and merge
@@ -193,6 +185,22 @@ def test_shards_merge_back_in_id_order(tmp_path):
         run_cli("merge", "--shards", shards[0], shards[0], shards[1], shards[2], "--ids", ids_csv,
                 "--out", tmp_path / "bad.csv")
     assert not (tmp_path / "bad.csv").exists()
+
+
+@pytest.mark.parametrize("bad_row, problem", [
+    ("265143 1 265910", "invalid RLE"),  # an odd number of tokens: a broken shard, not Kaggle RLE
+    ("10 5 12 3", "invalid RLE"),  # overlapping runs
+    ("", "blank row although"),  # a blank row beside the image's mask row
+])
+def test_merge_validates_every_shard_and_names_the_bad_one(tmp_path, bad_row, problem):
+    ids = [f"{k:09x}.jpg" for k in range(6)]
+    ids_csv = write_csv(tmp_path / "ids.csv", [(i, "1 2") for i in ids])
+    good = write_csv(tmp_path / "part0.csv", [(i, "5 3") for i in module_submit.select_shard(ids, 0, 2)])
+    part = module_submit.select_shard(ids, 1, 2)
+    bad = write_csv(tmp_path / "part1.csv", [(i, "5 3") for i in part] + [(part[1], bad_row)])
+    with pytest.raises(ValueError, match=rf"shard {bad}: 1 violation\(s\), first: line 5: {part[1]}: {problem}"):
+        run_cli("merge", "--shards", good, bad, "--ids", ids_csv, "--out", tmp_path / "all.csv")
+    assert not (tmp_path / "all.csv").exists()
 
 
 @pytest.mark.parametrize("text", ["3/3", "-1/3", "1", "a/b", "0/0"])
@@ -229,18 +237,24 @@ def test_validate_catches_each_violation(tmp_path, capsys, case, rows, header, e
     assert out.strip().splitlines()[-1].startswith("INVALID: 1 violations"), out  # that one, and no false alarm
 
 
+def test_validate_without_the_encoded_pixels_column_does_not_call_present_ids_missing(tmp_path, capsys):
+    ids_csv = write_csv(tmp_path / "ids.csv", [("a.jpg", "1 2"), ("b.jpg", "1 2"), ("c.jpg", "1 2")])
+    sub = tmp_path / "sub.csv"
+    sub.write_text("ImageId\na.jpg\nb.jpg\n")  # c.jpg really is missing
+    violations = module_submit.validate_submission(sub, ids_csv)
+    assert [(v.line, v.image_id, v.kind) for v in violations] == [
+        (1, "", "header"), (2, "a.jpg", "fields"), (3, "b.jpg", "fields"), (0, "c.jpg", "missing id")]
+    assert run_cli("validate", "--submission", sub, "--ids", ids_csv) == 1
+    out = capsys.readouterr().out
+    assert "a.jpg: ImageId missing" not in out and "c.jpg: ImageId missing" in out
+    assert "line 2: a.jpg: expected 2 fields, got 1" in out
+
+
 def test_validate_accepts_a_valid_submission(tmp_path, capsys):
     ids_csv = write_csv(tmp_path / "ids.csv", [("a.jpg", "1 2"), ("b.jpg", "1 2"), ("c.jpg", "1 2")])
     sub = write_csv(tmp_path / "sub.csv", VALID_ROWS)
     assert run_cli("validate", "--submission", sub, "--ids", ids_csv) == 0
     assert capsys.readouterr().out.strip().startswith("VALID")
-
-
-def test_overlap_report_names_both_rows_without_false_alarms():
-    masks = [(2, np.array([1, 30]), np.array([5, 5])), (3, np.array([6, 40]), np.array([3, 2])),  # touching
-             (4, np.array([100]), np.array([50])), (5, np.array([120]), np.array([2]))]  # 5 inside 4
-    found = module_submit._find_overlaps("x.jpg", masks)
-    assert [(v.line, v.message) for v in found] == [(5, "mask overlaps the mask on line 4")]
 
 
 # --------------------------------------------------------------------------- score
@@ -255,6 +269,40 @@ def test_score_prints_f2_last_and_json(tmp_path, capsys):
     body = json.loads(capsys.readouterr().out)
     assert body["f2"] == pytest.approx((5 / 6 + 1) / 2)
     assert {r["ImageId"]: r["f2"] for r in body["per_image"]} == pytest.approx({"a.jpg": 5 / 6, "b.jpg": 1.0})
+
+
+def test_score_rejects_an_extra_column_like_validate_does(tmp_path, capsys):
+    truth = write_csv(tmp_path / "truth.csv", [("a.jpg", "1 10"), ("b.jpg", "")])
+    sub = tmp_path / "sub.csv"
+    sub.write_text("ImageId,EncodedPixels,Confidence\na.jpg,1 10,0.9\nb.jpg,,0.1\n")
+    assert run_cli("validate", "--submission", sub, "--ids", truth) == 1
+    assert "header is 'ImageId,EncodedPixels,Confidence'" in capsys.readouterr().out
+    with pytest.raises(ValueError, match=rf"{sub}: not a valid submission .*header is 'ImageId,EncodedPixels,Confidence'"):
+        run_cli("score", "--submission", sub, "--truth", truth)
+    with pytest.raises(ValueError, match="not a valid submission"):
+        module_submit.score_report(sub, truth)
+
+
+def test_score_rejects_two_blank_rows_like_validate_does(tmp_path):
+    truth = write_csv(tmp_path / "truth.csv", [("a.jpg", "1 10"), ("b.jpg", "")])
+    sub = write_csv(tmp_path / "sub.csv", [("a.jpg", "1 10"), ("b.jpg", ""), ("b.jpg", "")])
+    with pytest.raises(ValueError, match=r"line 4: b.jpg: 2 blank rows"):
+        module_submit.score_report(sub, truth)
+
+
+@pytest.mark.parametrize("which, text, message", [
+    ("truth", "ImageId,EncodedPixels\n", "only a header, no rows"),
+    ("truth", "", "the file is empty"),
+    ("submission", "ImageId,EncodedPixels\n", "ImageId missing"),
+    ("submission", "", "file is empty"),
+], ids=["truth header-only", "truth 0-byte", "submission header-only", "submission 0-byte"])
+def test_score_of_a_header_only_or_empty_file_is_an_error_naming_it(tmp_path, which, text, message):
+    files = {"truth": write_csv(tmp_path / "truth.csv", [("a.jpg", "1 10"), ("b.jpg", "")]),
+             "submission": write_csv(tmp_path / "sub.csv", [("a.jpg", "1 10"), ("b.jpg", "")])}
+    files[which].write_text(text)
+    with pytest.raises(ValueError, match=message) as info:
+        run_cli("score", "--submission", files["submission"], "--truth", files["truth"])
+    assert str(files[which]) in str(info.value)
 
 
 # --------------------------------------------------------------------------- tune
@@ -293,8 +341,8 @@ def test_tune_picks_the_known_best_thresholds(tmp_path):
         "SUBMIT.TUNE_CLASSIFIER_THRESHOLDS", "[0.2, 0.5, 0.8]", "SUBMIT.TUNE_SCORE_THRESHOLDS", "[0.3, 0.6, 0.9]",
         "SUBMIT.TUNE_MIN_AREAS", "[0, 20, 100]"])
     cache = constructed_cache(tmp_path)
-    out_dir = module_submit.get_submission_dir(cfg)
-    chosen, f2, grid = module_submit.tune(cache, cfg, out_dir, tmp_path / "runs" / "t" / "plots", progress=False)
+    out_dir = module_config.get_submission_dir(cfg)
+    chosen, f2, grid = module_tuning.tune(cache, cfg, progress=False)
     assert chosen == Thresholds(0.5, 0.6, 20) and f2 == pytest.approx(1.0)
     assert len(grid) == 27 and (grid["f2"] < 1.0).sum() == 26
     # One step away on each axis costs exactly the image that needs it: one of five.
@@ -305,11 +353,13 @@ def test_tune_picks_the_known_best_thresholds(tmp_path):
         assert row["f2"].item() < 1.0
     assert (tmp_path / "runs/t/plots/tune_f2.png").stat().st_size > 0
     assert (tmp_path / "runs/t/plots/val_overlays.png").stat().st_size > 0
+    assert module_config.get_submission_path(cfg, "thresholds") == out_dir / "thresholds.yaml"
+    pd.testing.assert_frame_equal(pd.read_csv(out_dir / "tune_grid.csv"), grid)
     saved = yaml.safe_load((out_dir / "thresholds.yaml").read_text())
     assert saved["thresholds"] == {"CLASSIFIER_THRESHOLD": 0.5, "SCORE_THRESHOLD": 0.6, "MIN_AREA": 20}
     assert saved["detector_alone_f2"] is None  # no classifier threshold 0 in this grid
     # predict picks them up.
-    assert module_submit.get_thresholds(cfg)[0] == chosen
+    assert module_inference.get_thresholds(cfg)[0] == chosen
 
 
 def test_tune_image_crops_to_the_frame_of_all_masks():
@@ -330,9 +380,9 @@ def test_tune_image_crops_to_the_frame_of_all_masks():
 def test_full_scale_submission_from_three_shards_validates(tmp_path, airbus_sample, capsys):
     """The 15,606 competition test ids, predicted in 3 shards by fast fake models, merged, validated."""
     ids_csv = airbus_sample / "sample_submission_v2.csv"
-    ids = module_submit.read_image_ids(ids_csv)
+    ids = module_files.read_image_ids(ids_csv)
     assert len(ids) == 15606
-    shape = module_submit.KAGGLE_SHAPE
+    shape = module_rle.KAGGLE_SHAPE
     # About 22% of the images pass the gate; each gets two overlapping ships whose place depends on the id.
     p_ship_fn = lambda paths: np.array([int(Path(p).stem[:6], 16) % 100 / 100 for p in paths])
 

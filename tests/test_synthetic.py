@@ -1,6 +1,7 @@
 """The synthetic generator writes Kaggle's layout and formats, with data worth learning from."""
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pandas as pd
 import pytest
 
 import module_synthetic
-from module_preprocessing import rle_decode, rle_encode
+from module_rle import rle_decode, rle_encode
 
 SIZE = 256
 N_TRAIN, N_TEST = 100, 20
@@ -194,8 +195,13 @@ def test_deterministic_by_seed_through_the_command_line(tmp_path):
     replaced = run(tmp_path / "a", 6, "--overwrite", "--contact-sheet", str(tmp_path / "sheet.png"))
     assert replaced["train_csv"].read_bytes() == other["train_csv"].read_bytes()
     assert {p.name for p in replaced["train_images"].glob("*")} == {p.name for p in other["train_images"].glob("*")}
+    # the contact sheet is module_plots' picture of the training set: the same figure, saved the same way
+    import module_plots
+
     sheet = cv2.imread(str(tmp_path / "sheet.png"))
-    assert sheet is not None and sheet.shape[1] == 4 * (128 + 2)
+    reference = module_plots.save_figure(module_plots.plot_submission_overlays(
+        replaced["train_csv"], replaced["train_images"], count=12), tmp_path / "reference.png")
+    assert sheet is not None and sheet.shape == cv2.imread(str(reference)).shape
 
 
 def test_bad_arguments_are_errors(tmp_path):
@@ -203,3 +209,48 @@ def test_bad_arguments_are_errors(tmp_path):
         module_synthetic.generate_dataset(tmp_path, 2, 1, empty_fraction=1.5)
     with pytest.raises(ValueError, match="n_train"):
         module_synthetic.generate_dataset(tmp_path, -1, 1)
+
+
+def test_command_line_defaults_to_the_configs_synthetic_dataset(tiny_config, tmp_path):
+    out = tmp_path / "input"
+    args = module_synthetic.get_args_parser().parse_args(["--config", str(tiny_config), "PATHS.INPUT_DIR", str(out)])
+    assert (args.out, args.n_train, args.image_size) == (None, None, None)
+    paths = module_synthetic.main(args)
+    assert paths["train_csv"] == out / "train_ship_segmentations_v2.csv"
+    frame = read_csv(paths["train_csv"])
+    assert frame["ImageId"].nunique() == 32 and read_csv(paths["sample_submission"]).shape[0] == 8  # tiny's SYNTH
+    image = cv2.imread(str(next(paths["test_images"].glob("*.jpg"))))
+    assert image.shape == (64, 64, 3)
+    n_free = sum(not m for m in masks_by_image(paths["train_csv"], 64).values())
+    assert n_free == round(0.5 * 32)  # SYNTH.EMPTY_FRACTION of tiny.yaml
+
+
+# ---------------------------------------------------------------- the config's dataset
+def test_prepare_generates_then_reuses_then_regenerates_on_change(tiny_cfg, tmp_path):
+    input_dir = tmp_path / "input"
+    assert module_synthetic.prepare_synthetic_input(tiny_cfg(input_dir=input_dir)) == input_dir
+    csv = input_dir / "train_ship_segmentations_v2.csv"
+    manifest = json.loads((input_dir / module_synthetic.SYNTH_MANIFEST).read_text())
+    assert manifest == {"n_train": 32, "n_test": 8, "seed": 0, "empty_fraction": 0.5, "image_size": 64}
+    mtime = csv.stat().st_mtime_ns
+    module_synthetic.prepare_synthetic_input(tiny_cfg(input_dir=input_dir))
+    assert csv.stat().st_mtime_ns == mtime  # nothing regenerated
+    module_synthetic.prepare_synthetic_input(tiny_cfg("SYNTH.N_TRAIN", "36", input_dir=input_dir))
+    assert read_csv(csv)["ImageId"].nunique() == 36
+    assert len(list((input_dir / "train_v2").glob("*.jpg"))) == 36  # the old tiles went with the old dataset
+
+
+def test_prepare_never_overwrites_data_it_did_not_generate(tiny_cfg, tmp_path):
+    input_dir = tmp_path / "input"
+    module_synthetic.prepare_synthetic_input(tiny_cfg(input_dir=input_dir))
+    (input_dir / module_synthetic.SYNTH_MANIFEST).unlink()  # now it looks like the user's own data
+    module_synthetic.prepare_synthetic_input(tiny_cfg("SYNTH.N_TRAIN", "36", input_dir=input_dir))
+    assert read_csv(input_dir / "train_ship_segmentations_v2.csv")["ImageId"].nunique() == 32
+
+
+def test_prepare_does_nothing_for_real_data_configs(repo_root, tmp_path):
+    import module_config
+
+    cfg = module_config.get_cfg(repo_root / "configs" / "airbus.yaml", ["PATHS.INPUT_DIR", str(tmp_path / "input")])
+    assert module_synthetic.prepare_synthetic_input(cfg) is None
+    assert not (tmp_path / "input").exists()

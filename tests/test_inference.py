@@ -1,0 +1,231 @@
+"""module_inference: weights, the detector from a run, batched prediction with flip TTA, overlap removal,
+the thresholds and the gate.
+
+The detector is the real Mask R-CNN of ``configs/tiny.yaml`` (conftest's ``tiny_cfg``; trained
+once per session in ``tiny_trained``) or a canned fake whose output is known.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from detectron2.modeling import build_model
+from detectron2.structures import Instances
+from PIL import Image
+
+import module_config
+import module_inference
+import module_train
+from module_inference import Thresholds
+
+
+# ---------------------------------------------------------------- weights
+def test_missing_weights_file_is_a_clear_error(tmp_path):
+    missing = str(tmp_path / "nowhere.pth")
+    with pytest.raises(FileNotFoundError, match="nowhere.pth"):
+        module_inference.resolve_weights(missing)
+    assert module_inference.resolve_weights("") == ""
+
+
+def test_failed_download_says_where_to_put_the_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("FVCORE_CACHE", str(tmp_path / "cache"))
+    url = "http://127.0.0.1:9/models/mask_rcnn_test.pkl"  # port 9 (discard): refused at once
+    with pytest.raises(RuntimeError, match="could not download") as info:
+        module_inference.resolve_weights(url)
+    assert str(tmp_path / "cache" / "models" / "mask_rcnn_test.pkl") in str(info.value)
+    expected = tmp_path / "cache" / "detectron2" / "COCO-InstanceSegmentation" / "m" / "model_final.pkl"
+    assert module_inference.get_weights_cache_path("detectron2://COCO-InstanceSegmentation/m/model_final.pkl") == expected
+
+
+# ---------------------------------------------------------------- flip TTA merging
+def _box_mask(y0, y1, x0, x1, shape=(20, 20)):
+    mask = np.zeros(shape, bool)
+    mask[y0:y1, x0:x1] = True
+    return mask
+
+
+def test_tta_merge_majority_mask_and_consensus_score():
+    a1, a2, a3 = _box_mask(2, 10, 2, 6), _box_mask(2, 10, 2, 7), _box_mask(3, 10, 2, 6)
+    lonely = _box_mask(14, 18, 14, 18)
+    views = [
+        {"masks": np.stack([a1, lonely]), "scores": np.array([0.9, 0.6], np.float32)},
+        {"masks": np.stack([a2]), "scores": np.array([0.8], np.float32)},
+        {"masks": np.stack([a3]), "scores": np.array([0.7], np.float32)},
+    ]
+    merged = module_inference.merge_tta_predictions(views)
+    assert merged["scores"].dtype == np.float32
+    np.testing.assert_allclose(merged["scores"], [(0.9 + 0.8 + 0.7) / 3, 0.6 / 3], rtol=1e-6)
+    # majority of three: rows 3..9 x cols 2..5 are in all; row 2 in two of three; col 6 in one
+    np.testing.assert_array_equal(merged["masks"][0], _box_mask(2, 10, 2, 6))
+    np.testing.assert_array_equal(merged["masks"][1], lonely)
+
+
+def test_tta_merge_two_members_take_the_union_and_no_view_is_used_twice():
+    a, b = _box_mask(0, 8, 0, 8), _box_mask(0, 8, 0, 6)
+    views = [
+        {"masks": np.stack([a, a]), "scores": np.array([0.9, 0.5], np.float32)},  # a duplicate in one view
+        {"masks": np.stack([b]), "scores": np.array([0.9], np.float32)},
+    ]
+    merged = module_inference.merge_tta_predictions(views)
+    assert len(merged["scores"]) == 2  # the duplicate does not join its own view's group
+    np.testing.assert_array_equal(merged["masks"][0], a | b)
+    empty = {"masks": np.zeros((0, 20, 20), bool), "scores": np.zeros(0, np.float32)}
+    out = module_inference.merge_tta_predictions([empty, empty, empty])
+    assert out["masks"].shape == (0, 20, 20) and out["scores"].shape == (0,)
+
+
+# ---------------------------------------------------------------- batched prediction
+class FakeDetector(torch.nn.Module):
+    """Canned detector: one mask where the (resized) input is bright, pasted at the original size."""
+
+    input_format = "BGR"
+
+    def inference(self, batched_inputs):
+        outputs = []
+        for x in batched_inputs:
+            bright = (x["image"].float().mean(0) > 125).float()[None, None]
+            mask = torch.nn.functional.interpolate(bright, size=(x["height"], x["width"]), mode="nearest")[0] > 0.5
+            instances = Instances((x["height"], x["width"]))
+            instances.pred_masks = mask
+            instances.scores = torch.tensor([0.9])
+            outputs.append({"instances": instances})
+        return outputs
+
+
+def _asymmetric_image(height=48, width=80):
+    image = np.zeros((height, width, 3), np.uint8)
+    image[4:30, 6:12] = 255  # an L: vertical bar...
+    image[24:30, 12:40] = 255  # ...with a foot to the right
+    return image
+
+
+@pytest.mark.parametrize("tta", [False, True])
+@pytest.mark.parametrize("shape, min_iou", [((64, 64), 1.0), ((48, 80), 0.85)])
+def test_predict_instances_maps_masks_back_to_the_original_frame(tta, shape, min_iou):
+    image = _asymmetric_image(*shape)
+    (prediction,) = module_inference.predict_instances(FakeDetector(), [image], input_size=64, tta=tta)
+    assert prediction["masks"].shape == (1, *shape) and prediction["masks"].dtype == bool
+    assert prediction["scores"].dtype == np.float32
+    # an un-flip bug would put the vflip/hflip view's mask elsewhere: it would not merge and
+    # would come out as a second detection with a third of the score
+    np.testing.assert_allclose(prediction["scores"], [0.9], rtol=1e-6)
+    truth = image[:, :, 0] > 0
+    iou = (prediction["masks"][0] & truth).sum() / (prediction["masks"][0] | truth).sum()
+    assert iou >= min_iou  # exact at input size 64; 48x80 -> 64x64 -> 48x80 blurs the edges
+
+
+def test_load_detector_and_predict_with_the_real_model(tiny_cfg, tmp_path):
+    cfg = tiny_cfg()
+    model = build_model(module_config.get_model_cfg(cfg))
+    weights = tmp_path / "w.pth"
+    module_train.AtomicCheckpointer(model, str(tmp_path), extra_state={"input_size": 32}).save("w")
+    loaded = module_inference.load_detector(cfg, weights)
+    assert not loaded.training and loaded.input_size == 32
+    assert next(loaded.parameters()).device.type == "cpu"
+    for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)
+    images = [_asymmetric_image(), np.full((64, 64, 3), 90, np.uint8)]
+    loaded.train()
+    for tta in (False, True):
+        predictions = module_inference.predict_instances(loaded, images, input_size=64, tta=tta, batch_size=1)
+        assert len(predictions) == 2 and loaded.training  # the mode is restored
+        for prediction, image in zip(predictions, images):
+            n = len(prediction["scores"])
+            assert prediction["masks"].shape == (n, *image.shape[:2]) and prediction["masks"].dtype == bool
+            assert prediction["scores"].dtype == np.float32 and np.all(np.diff(prediction["scores"]) <= 0)
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        module_inference.load_detector(cfg, tmp_path / "nope.pth")
+    with pytest.raises(ValueError, match="uint8 RGB"):
+        module_inference.predict_instances(loaded, [np.zeros((8, 8), np.uint8)], input_size=64)
+
+
+def test_load_detector_takes_the_runs_best_weights_by_default(tiny_trained, tiny_cfg):
+    cfg = tiny_trained.cfg
+    assert module_inference.get_default_weights_path(cfg) == module_config.get_detector_path(cfg, "best")
+    model = module_inference.load_detector(cfg)
+    best = torch.load(module_config.get_detector_path(cfg, "best"))
+    assert model.input_size == best["input_size"] == 64 and not model.training
+    for name, value in best["model"].items():
+        torch.testing.assert_close(model.state_dict()[name], value, msg=name)
+    image = np.asarray(Image.open(next(iter(sorted((tiny_trained.input_dir / "test_v2").glob("*.jpg"))))))
+    (prediction,) = module_inference.predict_instances(model, [image])  # at the checkpoint's input size
+    assert prediction["masks"].shape[1:] == (64, 64)
+    with pytest.raises(FileNotFoundError, match="no detector weights in the run .*module_train.py"):
+        module_inference.load_detector(tiny_cfg())  # a run that trained nothing
+
+
+# ---------------------------------------------------------------- overlap removal and thresholds
+def _rect(shape, top, left, height, width) -> np.ndarray:
+    mask = np.zeros(shape, bool)
+    mask[top:top + height, left:left + width] = True
+    return mask
+
+
+def test_resolve_overlaps_gives_each_pixel_to_the_highest_score():
+    shape = (6, 5)
+    masks = np.stack([_rect(shape, 1, 1, 5, 1),  # B 0.8: rows 1-5 of col 1, rows 1-2 are A's
+                      _rect(shape, 0, 0, 3, 2),  # A 0.9: rows 0-2, cols 0-1
+                      _rect(shape, 4, 3, 2, 2),  # C 0.3: below the threshold
+                      _rect(shape, 0, 1, 2, 2)])  # D 0.7: 2 of its 4 px are A's, 2 left
+    scores = np.array([0.8, 0.9, 0.3, 0.7], np.float32)
+    before = masks.copy()
+    kept, kept_scores = module_inference.resolve_overlaps(masks, scores, score_threshold=0.5, min_area=3)
+    np.testing.assert_array_equal(masks, before)  # inputs untouched
+    assert kept.dtype == bool and kept_scores.tolist() == pytest.approx([0.9, 0.8])
+    np.testing.assert_array_equal(kept[0], _rect(shape, 0, 0, 3, 2))
+    np.testing.assert_array_equal(kept[1], _rect(shape, 3, 1, 3, 1))
+    assert kept.sum(axis=0).max() == 1
+    kept, kept_scores = module_inference.resolve_overlaps(masks, scores, score_threshold=0.5, min_area=2)
+    assert kept_scores.tolist() == pytest.approx([0.9, 0.8, 0.7])  # D's 2 remaining px are enough now
+    np.testing.assert_array_equal(kept[2], _rect(shape, 0, 2, 2, 1))
+    ties = np.stack([_rect(shape, 0, 0, 2, 2), _rect(shape, 1, 1, 2, 2)])
+    kept, _ = module_inference.resolve_overlaps(ties, np.array([0.5, 0.5]))
+    assert kept[0].sum() == 4 and kept[1].sum() == 3  # a tie goes to the earlier mask
+    empty, empty_scores = module_inference.resolve_overlaps(np.zeros((0, *shape), bool), np.zeros(0))
+    assert empty.shape == (0, *shape) and empty_scores.shape == (0,)
+    with pytest.raises(ValueError, match=r"masks must be \(N, H, W\)"):
+        module_inference.resolve_overlaps(masks[0], scores[:1])
+    with pytest.raises(ValueError, match="scores must be"):
+        module_inference.resolve_overlaps(masks, scores[:2])
+    prediction = {"masks": masks, "scores": scores}
+    kept, _ = module_inference.apply_thresholds(prediction, Thresholds(classifier=0.5, score=0.5, min_area=3))
+    assert len(kept) == 2
+
+
+def test_thresholds_precedence_command_line_then_tuned_then_config(tmp_path):
+    import module_tuning
+
+    cfg = module_config.get_cfg(None, ["PATHS.RUNS_DIR", str(tmp_path), "PATHS.RUN_NAME", "t"])
+    thresholds, sources = module_inference.get_thresholds(cfg)
+    assert thresholds == Thresholds(cfg.SUBMIT.CLASSIFIER_THRESHOLD, cfg.SUBMIT.SCORE_THRESHOLD, cfg.SUBMIT.MIN_AREA)
+    assert set(sources.values()) == {"config"}
+    module_tuning.write_thresholds(module_config.get_submission_path(cfg, "thresholds"), Thresholds(0.3, 0.7, 40), f2=0.6)
+    # overridden: the command line's overrides, as given (KEY VALUE or KEY=VALUE)
+    command_line = ["SUBMIT.MIN_AREA", "7"]
+    cfg = module_config.get_cfg(None, ["PATHS.RUNS_DIR", str(tmp_path), "PATHS.RUN_NAME", "t", *command_line])
+    thresholds, sources = module_inference.get_thresholds(cfg, overridden=command_line)
+    assert (thresholds.classifier, thresholds.score) == (0.3, 0.7)
+    assert thresholds.min_area == 7 and sources["MIN_AREA"] == "command line"
+    assert sources["SCORE_THRESHOLD"].endswith("thresholds.yaml")
+    command_line = ["SUBMIT.SCORE_THRESHOLD=0.2"]
+    cfg = module_config.get_cfg(None, ["PATHS.RUNS_DIR", str(tmp_path), "PATHS.RUN_NAME", "t", *command_line])
+    thresholds, sources = module_inference.get_thresholds(cfg, overridden=command_line)
+    assert thresholds == Thresholds(0.3, 0.2, 40) and sources["SCORE_THRESHOLD"] == "command line"
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        module_inference.get_thresholds(cfg, tmp_path / "nope.yaml")
+    (tmp_path / "bad.yaml").write_text("thresholds:\n  SCORE: 0.5\n")
+    with pytest.raises(ValueError, match="unknown threshold keys \\['SCORE'\\]"):
+        module_inference.get_thresholds(cfg, tmp_path / "bad.yaml")
+
+
+# ---------------------------------------------------------------- the gate
+def test_p_ship_fn_of_the_runs_classifier_gives_nan_for_unreadable_images(tiny_trained, tmp_path, tiny_cfg):
+    p_ship_fn = module_inference.build_p_ship_fn(tiny_trained.cfg)
+    good = sorted((tiny_trained.input_dir / "test_v2").glob("*.jpg"))[:2]
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(good[0].read_bytes()[:200])
+    p_ship = p_ship_fn([good[0], broken, good[1], tmp_path / "missing.jpg"])
+    assert p_ship.shape == (4,) and p_ship.dtype == np.float64
+    assert np.isnan(p_ship[[1, 3]]).all() and ((p_ship[[0, 2]] >= 0) & (p_ship[[0, 2]] <= 1)).all()
+    with pytest.raises(FileNotFoundError, match="CLASSIFIER_THRESHOLD 0 to run ungated"):
+        module_inference.build_p_ship_fn(tiny_cfg())
