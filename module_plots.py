@@ -124,7 +124,8 @@ def overlay_masks(image: np.ndarray, fill: Sequence[np.ndarray] = (), outline: S
             if draw == "fill":
                 canvas[mask] = (1 - alpha) * canvas[mask] + alpha * FILL_COLOUR
             else:
-                canvas[find_boundaries(mask, mode="inner")] = OUTLINE_COLOUR
+                # outside the mask: the red fill of a thin prediction on it stays visible
+                canvas[find_boundaries(mask, mode="outer")] = OUTLINE_COLOUR
     return canvas
 
 
@@ -424,3 +425,104 @@ def plot_submission_overlays(submission: str | os.PathLike | pd.DataFrame, image
         titles.append(name)
     return plot_overlays(images, trues, preds, titles, columns,
                          "submission: prediction red fill" + (", ground truth green outline" if truth is not None else ""))
+
+
+def draw_polygon_outlines(image: np.ndarray, polygons: Sequence[np.ndarray], colour: Sequence[int] = (255, 0, 0),
+                          thickness: int = 1) -> np.ndarray:
+    """``(H, W, 3)`` uint8 RGB copy of ``image`` with each polygon's outline drawn by OpenCV (scene
+    quicklooks). ``polygons``: ``(K, 2)`` arrays of ``(x, y)`` = (column, row) vertices in the
+    image's pixel coordinates (floats are rounded); closed rings."""
+    import cv2
+
+    out = np.ascontiguousarray(image.copy())
+    rings = [np.round(np.asarray(p, np.float64)).astype(np.int32).reshape(-1, 1, 2) for p in polygons if len(p)]
+    if rings:
+        cv2.polylines(out, rings, isClosed=True, color=tuple(int(c) for c in colour), thickness=int(thickness))
+    return out
+
+
+def plot_tune_prevalence(grid: pd.DataFrame, chosen=None, validation_empty: float = float("nan"),
+                         target_empty: float = float("nan"), guard: dict | None = None) -> Figure:
+    """F2 against each threshold (the best over the other two) at the validation split's share of
+    ship-free images and at the target's, each with its all-empty level; the chosen values marked.
+
+    ``grid``: one row per setting, columns classifier_threshold, score_threshold, min_area, f2
+    (validation share), f2_target (target share). ``chosen``: a ``module_inference.Thresholds``
+    (None: no ship at all was chosen). ``guard``: the guard's verdict, for the title.
+    """
+    panels = [("classifier_threshold", "classifier", "classifier threshold (p_ship)"),
+              ("score_threshold", "score", "detection score threshold"),
+              ("min_area", "min_area", "minimum mask area (px)")]
+    fig = Figure(figsize=(13, 4.2), layout="constrained")
+    axes = fig.subplots(1, 3, sharey=True)
+    for ax, (column, field, label) in zip(axes, panels):
+        for measure, share, colour, text in (("f2", validation_empty, "tab:blue", "validation"),
+                                             ("f2_target", target_empty, "tab:orange", "target")):
+            profile = grid.groupby(column)[measure].max()
+            ax.plot(profile.index, profile.values, marker="o", color=colour,
+                    label=f"{text}: {share:.0%} ship-free")
+            ax.axhline(share, color=colour, linestyle=":", linewidth=1, label=f"all-empty at {share:.0%}")
+        if chosen is not None:
+            value = getattr(chosen, field)
+            ax.axvline(value, color="tab:red", linestyle="--", label=f"chosen {value:g}")
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("F2 (best over the other two thresholds)")
+    axes[0].legend(fontsize=7, loc="lower left")
+    import textwrap
+
+    verdict = ""
+    if guard and guard.get("passed") is not None:
+        verdict = "; guard passed" if guard["passed"] else f"; guard fell back to {guard.get('fallback')}"
+    what = "no ship at all" if chosen is None else ", ".join(f"{k} {v}" for k, v in chosen.as_config().items())
+    fig.suptitle(f"Threshold tuning for {target_empty:.0%} ship-free images (validation: {validation_empty:.0%})\n"
+                 + textwrap.fill(f"chosen: {what}{verdict}", 150), fontsize=10)
+    return fig
+
+
+def plot_error_report(report, title: str = "") -> Figure:
+    """Where the score is lost (a ``module_metric.ErrorReport``): ships and predictions by kind of
+    failure, TP/FP/FN at each IoU threshold, F2 by ship size, and the ceilings."""
+    fig = Figure(figsize=(13, 8), layout="constrained")
+    (kinds_ax, counts_ax), (size_ax, ceiling_ax) = fig.subplots(2, 2)
+    failures = report.failures.iloc[::-1]
+    y = np.arange(len(failures))
+    kinds_ax.barh(y + 0.2, failures["ships"].fillna(0), 0.4, label="ships", color="tab:blue")
+    kinds_ax.barh(y - 0.2, failures["predictions"], 0.4, label="predictions", color="tab:red")
+    kinds_ax.set_yticks(y, failures["description"], fontsize=8)
+    for k, (ships, predictions) in enumerate(zip(failures["ships"], failures["predictions"])):
+        kinds_ax.annotate("?" if pd.isna(ships) else f"{ships:.0f}", (0 if pd.isna(ships) else ships, k + 0.2),
+                          xytext=(2, 0), textcoords="offset points", va="center", fontsize=7)
+        kinds_ax.annotate(f"{predictions:.0f}", (predictions, k - 0.2), xytext=(2, 0), textcoords="offset points",
+                          va="center", fontsize=7)
+    kinds_ax.set(xlabel="count (at IoU 0.5)", title="ships and predictions by outcome")
+    kinds_ax.legend(fontsize=8)
+    per_threshold = report.per_threshold
+    for column, colour in (("tp", "tab:green"), ("fp", "tab:red"), ("fn", "tab:blue")):
+        counts_ax.plot(per_threshold["threshold"], per_threshold[column], marker="o", color=colour,
+                       label=column.upper())
+    counts_ax.set(xlabel="IoU threshold", ylabel="count (all images)", title="TP / FP / FN by IoU threshold")
+    counts_ax.legend(fontsize=8)
+    counts_ax.grid(alpha=0.3)
+    by_size = report.by_size
+    bars = size_ax.bar(np.arange(len(by_size)), by_size["f2"].fillna(0), color="tab:purple")
+    size_ax.set_xticks(np.arange(len(by_size)), by_size["size"], fontsize=8)
+    size_ax.bar_label(bars, [f"{f:.2f}\n{s} ships, {p} pred" if not pd.isna(f) else "none"
+                             for f, s, p in zip(by_size["f2"], by_size["n_ships"], by_size["n_predictions"])],
+                      fontsize=7)
+    size_ax.set(ylim=(0, 1.25), ylabel="F2 (pooled over images)", title="F2 by ship size (px of a 768 x 768 tile)")
+    ceilings = report.ceilings
+    x = np.arange(len(ceilings))
+    width = 0.4 if "f2_target" in ceilings else 0.8
+    bars = ceiling_ax.bar(x - (width / 2 if "f2_target" in ceilings else 0), ceilings["f2"].fillna(0), width,
+                          label="as sampled", color="tab:blue")
+    ceiling_ax.bar_label(bars, ["n/a" if pd.isna(v) else f"{v:.3f}" for v in ceilings["f2"]], fontsize=7)
+    if "f2_target" in ceilings:
+        bars = ceiling_ax.bar(x + width / 2, ceilings["f2_target"].fillna(0), width, label="at the target share",
+                              color="tab:orange")
+        ceiling_ax.bar_label(bars, ["n/a" if pd.isna(v) else f"{v:.3f}" for v in ceilings["f2_target"]], fontsize=7)
+        ceiling_ax.legend(fontsize=8, loc="lower right")
+    ceiling_ax.set_xticks(x, ceilings["case"], fontsize=8)
+    ceiling_ax.set(ylim=(0, 1.15), ylabel="F2", title="F2 now, and with a perfect part")
+    fig.suptitle(f"Error report{': ' + title if title else ''} (F2 {report.f2:.4f})", fontsize=11)
+    return fig
