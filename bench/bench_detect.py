@@ -1,0 +1,307 @@
+#!/usr/bin/env python
+"""Scene detection on a large, mostly-sea scene: gated against ungated slicing, and against SAHI.
+
+The scene: a GeoTIFF mosaic (``--grid`` x ``--grid`` cells, 16 x 16 by default: 4,096 px at the
+demo's 256 px tiles) of the run's generated test tiles, ``--sea`` (85%) of the cells ship-free,
+the rest holding ships, laid out at random (seeded). Three ways over the same scene, with the
+same detector weights (the run's best), the same slices (``DATA.IMAGE_SIZE``, ``--overlap``) and
+the same score threshold, each in its own process so that its peak RSS is its own:
+
+* **gated**: ``module_detect.detect`` with the run's classifier and tuned thresholds;
+* **ungated**: the same with the classifier threshold at 0 (the detector on every slice);
+* **sahi**: SAHI 0.12.8's ``get_sliced_prediction`` over ``Detectron2DetectionModel`` (its
+  ``DefaultPredictor``, built from the same detectron2 config and weights), GREEDYNMM / IOS 0.5
+  (SAHI's defaults), no full-image pass; the scene read whole with rasterio, as SAHI needs it.
+
+Printed: seconds, slices/s, peak RSS and its rise over the process's RSS once the models are
+loaded; ratios against the named baseline; ships found, and agreement: gated against ungated on
+the ship-bearing cells, ours against SAHI's everywhere (instances matched one to one, greedily by
+score, at mask IoU >= 0.9).
+
+    .venv/bin/python bench/bench_detect.py --config configs/demo.yaml [--run runs/demo] [--grid 16] [KEY VALUE ...]
+
+SAHI is only needed here, not by the pipeline; it is not in requirements.txt because it requires
+``opencv-python``, which would overwrite the pinned ``opencv-python-headless``. Install it without
+its dependencies (it runs with the headless OpenCV): ``.venv/bin/pip install --no-deps sahi==0.12.8``.
+Without it the SAHI comparison is skipped with a message.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+
+import module_config  # noqa: E402
+import module_detect  # noqa: E402
+import module_inference  # noqa: E402
+from module_files import list_images, read_image, read_segmentation_csv  # noqa: E402
+
+METHODS = ("gated", "ungated", "sahi")
+MATCH_IOU = 0.9
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"))
+    parser.add_argument("--run", default=None, help="run folder with the models (default the config's)")
+    parser.add_argument("--grid", type=int, default=16, help="cells per side of the mosaic")
+    parser.add_argument("--sea", type=float, default=0.85, help="share of ship-free cells")
+    parser.add_argument("--overlap", type=int, default=32, help="slice overlap (px)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=None, help="scratch folder (default runs/<run>/bench_detect)")
+    parser.add_argument("--methods", default=",".join(METHODS), help="which of gated,ungated,sahi to run")
+    parser.add_argument("--method", default=None, help=argparse.SUPPRESS)  # internal: run one method, print JSON
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
+    return parser
+
+
+def get_cfg(args):
+    opts = list(args.opts or [])
+    if args.run:
+        run = Path(args.run)
+        opts += ["PATHS.RUNS_DIR", str(run.parent), "PATHS.RUN_NAME", run.name]
+    return module_config.get_cfg(args.config, opts)
+
+
+# ---------------------------------------------------------------- the scene
+def build_scene(cfg, grid: int, sea: float, seed: int, out: Path) -> dict:
+    """The mosaic GeoTIFF and which cells hold ships: ``{"path", "tile", "ship_cells": [[r, c], ...]}``."""
+    import rasterio
+    from affine import Affine
+    from rasterio.crs import CRS
+
+    images = list_images(module_config.get_input_path(cfg, cfg.DATA.TEST_IMAGES))
+    truth_csv = module_config.get_input_path(cfg, cfg.DATA.TEST_TRUTH_CSV) if cfg.DATA.TEST_TRUTH_CSV else None
+    if truth_csv is None or not truth_csv.is_file():
+        raise SystemExit("the bench needs the run's test truth (DATA.TEST_TRUTH_CSV): use a generated dataset")
+    truth = read_segmentation_csv(truth_csv, "truth")
+    with_ships = set(truth.loc[truth["EncodedPixels"] != "", "ImageId"])
+    ship_tiles = [p for p in images if p.name in with_ships]
+    sea_tiles = [p for p in images if p.name not in with_ships]
+    rng = np.random.default_rng(seed)
+    cells = grid * grid
+    n_ship = max(1, round(cells * (1 - sea)))
+    ship_cells = set(map(int, rng.choice(cells, n_ship, replace=False)))
+    tile = cfg.DATA.IMAGE_SIZE
+    path = out / f"scene_{grid}x{grid}.tif"
+    out.mkdir(parents=True, exist_ok=True)
+    ship_order = rng.permutation(len(ship_tiles))
+    with rasterio.open(path, "w", driver="GTiff", height=grid * tile, width=grid * tile, count=3, dtype="uint8",
+                       crs=CRS.from_epsg(32631), transform=Affine.translation(500_000, 4_650_000) * Affine.scale(3, -3),
+                       tiled=True, blockxsize=256, blockysize=256, compress="deflate") as dst:
+        used = 0
+        for cell in range(cells):
+            if cell in ship_cells:
+                source = ship_tiles[ship_order[used % len(ship_tiles)]]
+                used += 1
+            else:
+                source = sea_tiles[int(rng.integers(len(sea_tiles)))]
+            image = np.rot90(read_image(source, tile), int(rng.integers(4)) if cell not in ship_cells else 0)
+            row, col = divmod(cell, grid)
+            dst.write(np.ascontiguousarray(image.transpose(2, 0, 1)),
+                      window=rasterio.windows.Window(col * tile, row * tile, tile, tile))
+    return {"path": str(path), "tile": tile, "ship_cells": sorted(divmod(c, grid) for c in ship_cells),
+            "n_ship_tiles_available": len(ship_tiles)}
+
+
+# ---------------------------------------------------------------- one method, in its own process
+def rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_ours(cfg, scene: dict, gated: bool, out: Path, overlap: int) -> dict:
+    thresholds = module_inference.get_thresholds(cfg)[0]
+    detect_fn = module_inference.build_detect_fn(cfg)
+    p_ship_fn = module_inference.build_p_ship_array_fn(cfg) if gated and thresholds.classifier > 0 else None
+    overrides = [] if gated else ["SUBMIT.CLASSIFIER_THRESHOLD", "0"]  # wins over the run's tuned gate
+    run_cfg = cfg
+    if not gated:
+        run_cfg = cfg.clone()
+        run_cfg.defrost()
+        run_cfg.SUBMIT.CLASSIFIER_THRESHOLD = 0.0
+        run_cfg.freeze()
+    base = rss_mb()
+    started = time.perf_counter()
+    result = module_detect.detect(run_cfg, [scene["path"]], out=out, overlap=overlap, detect_fn=detect_fn,
+                                  p_ship_fn=p_ship_fn, overridden=overrides, progress=False)
+    seconds = time.perf_counter() - started
+    ships = [s.to_json() for s in result.scenes[0].ships]
+    return {"seconds": seconds, "base_mb": base, "peak_mb": rss_mb(), "counts": result.scenes[0].counts,
+            "ships": ships, "thresholds": thresholds.as_config()}
+
+
+def run_sahi(cfg, scene: dict, overlap: int) -> dict:
+    import cv2
+    import rasterio
+    from sahi.models.detectron2 import Detectron2DetectionModel
+    from sahi.predict import get_sliced_prediction
+
+    thresholds = module_inference.get_thresholds(cfg)[0]
+    weights = module_inference.get_default_weights_path(cfg)
+    model_cfg = module_config.get_model_cfg(cfg)
+    config_path = Path(scene["path"]).with_name("sahi_model_config.yaml")
+    config_path.write_text(model_cfg.dump())
+    import torch
+
+    input_size = int(torch.load(weights, map_location="cpu", weights_only=False).get("input_size", model_cfg.INPUT.MIN_SIZE_TEST))
+    model = Detectron2DetectionModel(model_path=str(weights), config_path=str(config_path),
+                                     confidence_threshold=thresholds.score, image_size=input_size, device="cpu",
+                                     category_mapping={"0": "ship"}, load_at_init=True)
+    tile = scene["tile"]
+    base = rss_mb()
+    started = time.perf_counter()
+    with rasterio.open(scene["path"]) as src:
+        image = np.ascontiguousarray(src.read().transpose(1, 2, 0))
+    result = get_sliced_prediction(image, model, slice_height=tile, slice_width=tile,
+                                   overlap_height_ratio=overlap / tile, overlap_width_ratio=overlap / tile,
+                                   perform_standard_pred=False, postprocess_type="GREEDYNMM",
+                                   postprocess_match_metric="IOS", postprocess_match_threshold=0.5, verbose=0)
+    seconds = time.perf_counter() - started
+    peak = rss_mb()
+    ships = []
+    for prediction in result.object_prediction_list:
+        x0, y0, x1, y1 = (int(round(v)) for v in prediction.bbox.to_xyxy())
+        x0, y0 = max(0, x0 - 1), max(0, y0 - 1)
+        crop = np.zeros((y1 - y0 + 2, x1 - x0 + 2), np.uint8)
+        for polygon in prediction.mask.segmentation:
+            points = np.asarray(polygon, np.float64).reshape(-1, 2) - [x0, y0]
+            cv2.fillPoly(crop, [np.round(points).astype(np.int32)], 1)
+        ship = module_detect.mask_to_detection(crop.astype(bool), y0, x0, float(prediction.score.value))
+        if ship is not None:
+            ships.append(ship.to_json())
+    n_slices = len(module_detect.get_tiles(image.shape[0], image.shape[1], tile, overlap))
+    return {"seconds": seconds, "base_mb": base, "peak_mb": peak, "counts": {"tiles_total": n_slices,
+            "tiles_detected": n_slices, "ships": len(ships)}, "ships": ships}
+
+
+# ---------------------------------------------------------------- agreement
+def match(a: list, b: list, iou: float = MATCH_IOU) -> int:
+    """Instances of ``a`` and ``b`` (Detection JSON) matched one to one, greedily by ``a``'s score, at mask IoU >= ``iou``."""
+    ships_a = [module_detect.Detection.from_json(s) for s in a]
+    ships_b = [module_detect.Detection.from_json(s) for s in b]
+    masks_b = [s.decode() for s in ships_b]
+    used = set()
+    matched = 0
+    for ship in sorted(ships_a, key=lambda s: -s.score):
+        mask = ship.decode()
+        best, best_iou = None, 0.0
+        for k, (other, other_mask) in enumerate(zip(ships_b, masks_b)):
+            if k in used:
+                continue
+            r0, c0 = min(ship.row, other.row), min(ship.col, other.col)
+            r1 = max(ship.row + ship.height, other.row + other.height)
+            c1 = max(ship.col + ship.width, other.col + other.width)
+            if r1 - r0 > ship.height + other.height or c1 - c0 > ship.width + other.width:
+                continue  # boxes apart
+            canvas_a = np.zeros((r1 - r0, c1 - c0), bool)
+            canvas_b = np.zeros_like(canvas_a)
+            canvas_a[ship.row - r0:ship.row - r0 + ship.height, ship.col - c0:ship.col - c0 + ship.width] = mask
+            canvas_b[other.row - r0:other.row - r0 + other.height, other.col - c0:other.col - c0 + other.width] = other_mask
+            union = np.count_nonzero(canvas_a | canvas_b)
+            value = np.count_nonzero(canvas_a & canvas_b) / union if union else 0.0
+            if value > best_iou:
+                best, best_iou = k, value
+        if best is not None and best_iou >= iou:
+            used.add(best)
+            matched += 1
+    return matched
+
+
+def on_ship_cells(ships: list, cells: list, tile: int) -> list:
+    """The ships whose bounding-box centre lies in a ship-bearing cell."""
+    wanted = {tuple(c) for c in cells}
+    return [s for s in ships if ((s["row"] + s["height"] // 2) // tile, (s["col"] + s["width"] // 2) // tile) in wanted]
+
+
+# ---------------------------------------------------------------- driver
+def main(args) -> int:
+    cfg = get_cfg(args)
+    out = Path(args.out) if args.out else module_config.get_run_dir(cfg) / "bench_detect"
+    if args.method:
+        scene = json.loads((out / "scene.json").read_text())
+        if args.method == "sahi":
+            result = run_sahi(cfg, scene, args.overlap)
+        else:
+            result = run_ours(cfg, scene, args.method == "gated", out / args.method, args.overlap)
+        (out / f"{args.method}.json").write_text(json.dumps(result))
+        return 0
+    import torch
+
+    try:
+        module_inference.get_default_weights_path(cfg)
+    except FileNotFoundError as exc:
+        print(f"SKIPPED: the run has no trained models to benchmark ({exc}); `make demo` trains the demo's")
+        return 0
+    print(f"CPU capability {torch.backends.cpu.get_cpu_capability()}, torch {torch.__version__}, "
+          f"threads {torch.get_num_threads()}, {os.cpu_count()} cores")
+    thresholds, sources = module_inference.get_thresholds(cfg)
+    print(f"run {module_config.get_run_dir(cfg)}: detector {module_inference.get_default_weights_path(cfg)}, "
+          f"thresholds {thresholds} ({sources})")
+    scene = build_scene(cfg, args.grid, args.sea, args.seed, out)
+    (out / "scene.json").write_text(json.dumps(scene))
+    side = args.grid * scene["tile"]
+    print(f"scene {scene['path']}: {side} x {side} px, {len(scene['ship_cells'])} of {args.grid ** 2} cells with "
+          f"ships ({1 - len(scene['ship_cells']) / args.grid ** 2:.0%} open sea), slices {scene['tile']} px, "
+          f"overlap {args.overlap} px")
+    methods = [m for m in args.methods.split(",") if m]
+    if "sahi" in methods:
+        import importlib.util
+
+        if importlib.util.find_spec("sahi") is None:
+            print("SAHI is not installed: `.venv/bin/pip install --no-deps sahi==0.12.8` (see the docstring); "
+                  "skipping the SAHI comparison")
+            methods.remove("sahi")
+    results = {}
+    for method in methods:
+        command = [sys.executable, __file__, "--config", args.config, "--overlap", str(args.overlap),
+                   "--out", str(out), "--method", method]
+        if args.run:
+            command += ["--run", args.run]
+        done = subprocess.run(command + list(args.opts or []), cwd=ROOT, capture_output=True, text=True)
+        if done.returncode:
+            print(done.stderr[-4000:])
+            raise SystemExit(f"{method} failed")
+        results[method] = json.loads((out / f"{method}.json").read_text())
+        r = results[method]
+        print(f"{method:8s} {r['seconds']:8.1f} s  {r['counts']['tiles_total'] / r['seconds']:6.2f} slices/s  "
+              f"detector on {r['counts'].get('tiles_detected')} of {r['counts']['tiles_total']} slices  "
+              f"ships {len(r['ships'])}  peak RSS {r['peak_mb']:.0f} MB (+{r['peak_mb'] - r['base_mb']:.0f} MB "
+              f"over {r['base_mb']:.0f} MB with the models loaded)")
+    if "gated" in results and "ungated" in results:
+        gated, ungated = results["gated"], results["ungated"]
+        print(f"gated vs ungated (baseline): {ungated['seconds'] / gated['seconds']:.2f}x faster (goal >= 3x)")
+        a = on_ship_cells(gated["ships"], scene["ship_cells"], scene["tile"])
+        b = on_ship_cells(ungated["ships"], scene["ship_cells"], scene["tile"])
+        print(f"  ships on the ship-bearing cells: gated {len(a)}, ungated {len(b)}, matched {match(a, b)} "
+              f"(IoU >= {MATCH_IOU}); on open sea: gated {len(gated['ships']) - len(a)}, "
+              f"ungated {len(ungated['ships']) - len(b)}")
+    if "sahi" in results and "gated" in results:
+        for name in ("gated", "ungated"):
+            if name not in results:
+                continue
+            ours, sahi_result = results[name], results["sahi"]
+            print(f"{name} vs SAHI get_sliced_prediction (baseline): {sahi_result['seconds'] / ours['seconds']:.2f}x "
+                  f"faster (goal >= 2x); peak RSS {ours['peak_mb'] / sahi_result['peak_mb']:.2f} of SAHI's, rise "
+                  f"over the loaded models {(ours['peak_mb'] - ours['base_mb']) / max(1e-9, sahi_result['peak_mb'] - sahi_result['base_mb']):.2f} "
+                  f"of SAHI's (goal <= 0.5)")
+            matched = match(ours["ships"], sahi_result["ships"])
+            loose = match(ours["ships"], sahi_result["ships"], 0.5)
+            print(f"  agreement: {matched} matched at IoU >= {MATCH_IOU} ({loose} at IoU >= 0.5) of "
+                  f"{len(ours['ships'])} ours and {len(sahi_result['ships'])} SAHI's")
+    (out / "summary.json").write_text(json.dumps({m: {k: v for k, v in r.items() if k != "ships"}
+                                                  for m, r in results.items()}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(get_args_parser().parse_args()))
