@@ -37,6 +37,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 import module_classifier  # noqa: E402
+import module_synthetic  # noqa: E402
+from module_files import read_segmentation_csv  # noqa: E402
 import module_preprocessing  # noqa: E402
 from module_config import get_cfg, get_input_path  # noqa: E402
 
@@ -58,14 +60,16 @@ def main(args: argparse.Namespace) -> dict:
     work = Path(args.out or tempfile.mkdtemp(prefix="bench_classifier_"))
     cfg = get_cfg(args.config, ["PATHS.INPUT_DIR", str(work / "input"), "PATHS.RUNS_DIR", str(work / "runs"),
                                 "PATHS.RUN_NAME", "bench", *args.opts])
-    train_dicts, val_dicts = module_preprocessing.get_train_val_dicts(cfg)  # generates the data if needed
+    module_synthetic.prepare_synthetic_input(cfg)
+    train_dicts, val_dicts = module_preprocessing.get_train_val_dicts(cfg)
 
     # 1. learning
     start = time.perf_counter()
-    export = module_classifier.train_classifier(cfg, train_dicts, val_dicts)
+    paths = module_classifier.train_classifier(cfg, train_dicts, val_dicts, fresh=True)
+    export = paths["export"]
     train_s = time.perf_counter() - start
-    curve = pd.read_csv(export.parent / "history.csv")
-    predictions = pd.read_csv(export.parent / "val_predictions.csv")
+    curve = pd.read_csv(paths["history"])
+    predictions = pd.read_csv(paths["val_predictions"])
     auc = module_classifier.roc_auc_or_nan(predictions["has_ship"].to_numpy(), predictions["p_ship"].to_numpy())
     c = cfg.CLASSIFIER
     print(f"learning: {len(train_dicts)} train / {len(val_dicts)} val generated {cfg.DATA.IMAGE_SIZE} px images, "
@@ -155,8 +159,6 @@ def holdout_auc(cfg, learner, out: Path, n: int) -> float:
     reused by a later run with the same settings."""
     import json
 
-    import module_synthetic
-
     paths = module_synthetic.get_dataset_paths(out)
     wanted = dict(n_train=n, n_test=0, seed=cfg.SYNTH.SEED + 1, empty_fraction=cfg.SYNTH.EMPTY_FRACTION,
                   image_size=cfg.SYNTH.IMAGE_SIZE)
@@ -164,8 +166,8 @@ def holdout_auc(cfg, learner, out: Path, n: int) -> float:
     if not manifest.is_file() or json.loads(manifest.read_text()) != wanted:
         module_synthetic.generate_dataset(out, overwrite=True, **wanted)
         manifest.write_text(json.dumps(wanted))
-    has_ship = pd.read_csv(paths["train_csv"]).groupby("ImageId", sort=True)["EncodedPixels"].agg(
-        lambda rles: rles.notna().any())
+    has_ship = read_segmentation_csv(paths["train_csv"]).groupby("ImageId", sort=True)["EncodedPixels"].agg(
+        lambda rles: (rles != "").any())
     p_ship = predict(cfg, learner, [paths["train_images"] / i for i in has_ship.index], cfg.CLASSIFIER.PRECISION)
     auc = module_classifier.roc_auc_or_nan(has_ship.to_numpy(), p_ship)
     print(f"hold-out ROC AUC {auc:.4f} on {len(has_ship)} independent generated tiles ({int(has_ship.sum())} with "

@@ -2,9 +2,9 @@
 """RLE codec speed on real Kaggle rows, against the public kernels' functions in the same run.
 
 Rows: every ship row of ../shared/airbus-sample/segmentations_subset.csv (real train_v2 masks, 768x768).
-- encode: ``module_preprocessing.rle_encode`` against the kernels' ``rle_encode`` (``img.T.flatten()``
+- encode: ``module_rle.rle_encode`` against the kernels' ``rle_encode`` (``img.T.flatten()``
   and a diff), both on the same decoded masks (C-ordered uint8, as a model's output is). Goal >= 5x.
-- decode: ``module_preprocessing.rle_decode`` against the kernels' ``rle_decode`` (zeros, then a
+- decode: ``module_rle.rle_decode`` against the kernels' ``rle_decode`` (zeros, then a
   Python loop over the runs). Goal >= 2x. Also printed: the floor of any decoder that returns a
   fresh mask, allocating and zeroing 768x768 uint8 (``np.zeros``).
 Both outputs are checked identical to the kernels' on every row timed.
@@ -24,7 +24,7 @@ import pandas as pd
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-import module_preprocessing  # noqa: E402
+import module_rle  # noqa: E402
 from kaggle_kernels import kernel_rle_decode, kernel_rle_encode  # noqa: E402
 
 SUBSET_CSV = REPO_ROOT.parent / "shared" / "airbus-sample" / "segmentations_subset.csv"
@@ -56,14 +56,14 @@ def main(args: argparse.Namespace) -> dict:
         rles = rles[: args.rows]
     masks = [np.ascontiguousarray(kernel_rle_decode(r)) for r in rles]
     for rle, mask in zip(rles, masks):  # same results before timing anything
-        assert module_preprocessing.rle_encode(mask) == kernel_rle_encode(mask) == rle
-        assert np.array_equal(module_preprocessing.rle_decode(rle), mask)
+        assert module_rle.rle_encode(mask) == kernel_rle_encode(mask) == rle
+        assert np.array_equal(module_rle.rle_decode(rle), mask)
     print(f"{len(rles)} real ship rows of {args.csv}, 768x768; best of {args.repeat}; outputs identical")
 
     kernel_encode = best_time(kernel_rle_encode, masks, args.repeat)
-    ours_encode = best_time(module_preprocessing.rle_encode, masks, args.repeat)
+    ours_encode = best_time(module_rle.rle_encode, masks, args.repeat)
     kernel_decode = best_time(kernel_rle_decode, rles, args.repeat)
-    ours_decode = best_time(module_preprocessing.rle_decode, rles, args.repeat)
+    ours_decode = best_time(module_rle.rle_decode, rles, args.repeat)
     floor = best_time(lambda _: np.zeros((768, 768), np.uint8), rles, args.repeat)
     figures = {"encode_kernel_us": kernel_encode * 1e6, "encode_ours_us": ours_encode * 1e6,
                "encode_ratio": kernel_encode / ours_encode, "decode_kernel_us": kernel_decode * 1e6,

@@ -33,6 +33,8 @@ import module_config  # noqa: E402
 import module_metric  # noqa: E402
 import module_submit  # noqa: E402
 import module_synthetic  # noqa: E402
+import module_inference  # noqa: E402
+import module_files  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -53,8 +55,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 def get_models(args, cfg):
     """(cfg, classifier path, detector weights): the run's own, or freshly trained short ones."""
     try:
-        classifier = module_submit.get_default_classifier_path(cfg)
-        weights = module_submit.get_default_weights_path(cfg)
+        classifier = module_config.get_classifier_path(cfg)
+        weights = module_inference.get_default_weights_path(cfg)
         if classifier.is_file() and not args.retrain:
             print(f"models: the run's own ({classifier}, {weights})")
             return cfg, classifier, weights
@@ -73,19 +75,19 @@ def get_models(args, cfg):
         "MODEL.DEVICE", "cpu"])
     print(f"models: training short ones in {module_config.get_run_dir(cfg)} "
           f"(classifier {args.classifier_epochs} epochs, detector {args.detector_iters} iterations at {size} px)")
-    module_preprocessing.prepare_input(cfg)
+    module_synthetic.prepare_synthetic_input(cfg)
     train_dicts, val_dicts = module_preprocessing.get_train_val_dicts(cfg)
     start = time.perf_counter()
-    classifier = module_classifier.train_classifier(cfg, train_dicts, val_dicts)
+    classifier = module_classifier.train_classifier(cfg, train_dicts, val_dicts, fresh=args.retrain)["export"]
     print(f"  classifier trained in {time.perf_counter() - start:.0f} s")
     start = time.perf_counter()
-    module_train.train_detector(cfg)
+    module_train.train_detector(cfg, train_dicts, val_dicts, fresh=args.retrain)
     print(f"  detector trained in {time.perf_counter() - start:.0f} s")
-    return cfg, classifier, module_submit.get_default_weights_path(cfg)
+    return cfg, classifier, module_inference.get_default_weights_path(cfg)
 
 
 def run(label, image_ids, image_dir, detect_fn, thresholds, p_ship_fn, cfg, truth, out_dir):
-    load = lambda path: module_submit.read_image(path, cfg.DATA.IMAGE_SIZE)  # noqa: E731
+    load = lambda path: module_files.read_image(path, cfg.DATA.IMAGE_SIZE)  # noqa: E731
     start = time.perf_counter()
     result = module_submit.predict_rows(image_ids, image_dir, detect_fn, thresholds, p_ship_fn=p_ship_fn,
                                         batch_size=cfg.SUBMIT.BATCH_SIZE, chunk_size=4 * cfg.CLASSIFIER.BATCH_SIZE,
@@ -107,24 +109,24 @@ def main(args) -> int:
         module_synthetic.generate_dataset(data, n_train=0, n_test=args.n_test, seed=args.seed,
                                           empty_fraction=0.78, image_size=cfg.SYNTH.IMAGE_SIZE, overwrite=True)
     truth = data / module_synthetic.TEST_TRUTH_CSV
-    image_ids = module_submit.read_image_ids(data / module_synthetic.SAMPLE_SUBMISSION)
+    image_ids = module_files.read_image_ids(data / module_synthetic.SAMPLE_SUBMISSION)
     n_empty = sum(1 for i, rows in module_metric.read_rle_table(truth, "truth").groupby("ImageId")["EncodedPixels"]
                   if (rows == "").all())
-    thresholds, sources = module_submit.get_thresholds(cfg)
+    thresholds, sources = module_inference.get_thresholds(cfg)
     if args.classifier_threshold is not None:
-        thresholds = module_submit.Thresholds(args.classifier_threshold, thresholds.score, thresholds.min_area)
+        thresholds = module_inference.Thresholds(args.classifier_threshold, thresholds.score, thresholds.min_area)
         sources["CLASSIFIER_THRESHOLD"] = "--classifier-threshold"
     print(f"test set: {len(image_ids)} generated {cfg.SYNTH.IMAGE_SIZE} px images, {n_empty / len(image_ids):.0%} "
           f"ship-free ({data})")
     print(f"thresholds: {thresholds.as_config()} ({sources})")
     print(f"CPU, torch threads: {torch.get_num_threads()}, {os.cpu_count()} cores visible")
 
-    detect_fn = module_submit.build_detect_fn(cfg, weights)
-    p_ship_fn = module_submit.build_p_ship_fn(cfg, classifier)
+    detect_fn = module_inference.build_detect_fn(cfg, weights)
+    p_ship_fn = module_inference.build_p_ship_fn(cfg, classifier)
     detect_fn([np.zeros((cfg.DATA.IMAGE_SIZE, cfg.DATA.IMAGE_SIZE, 3), np.uint8)])  # warm-up
     p_ship_fn([data / "test_v2" / image_ids[0]])
     ungated = run("ungated", image_ids, data / "test_v2", detect_fn,
-                  module_submit.Thresholds(0.0, thresholds.score, thresholds.min_area), None, cfg, truth, out_dir)
+                  module_inference.Thresholds(0.0, thresholds.score, thresholds.min_area), None, cfg, truth, out_dir)
     gated = run("gated", image_ids, data / "test_v2", detect_fn, thresholds, p_ship_fn, cfg, truth, out_dir)
 
     print()

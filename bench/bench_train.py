@@ -35,6 +35,7 @@ import module_synthetic  # noqa: E402
 import module_train  # noqa: E402
 from module_config import get_cfg  # noqa: E402
 from module_preprocessing import load_dataset_dicts  # noqa: E402
+import module_config  # noqa: E402
 
 
 class StepTimes(HookBase):
@@ -64,7 +65,7 @@ def run_project_trainer(cfg, stage, dicts, warmup) -> float:
 
 
 def run_default_trainer(cfg, stage, dicts, out_dir, warmup) -> float:
-    model_cfg = module_train.get_model_cfg(cfg, stage).clone()
+    model_cfg = module_config.get_model_cfg(cfg, stage).clone()
     model_cfg.defrost()
     model_cfg.OUTPUT_DIR = str(out_dir)
     model_cfg.TEST.EVAL_PERIOD = 0
@@ -110,7 +111,7 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         base = get_cfg(args.config, args.opts)
-        size = args.size or module_train.get_stages(base)[-1].size
+        size = args.size or module_config.get_stages(base)[-1].size
         image_size = base.DATA.IMAGE_SIZE
         module_synthetic.generate_dataset(tmp / "data", n_train=args.images * 3, n_test=0, seed=1, image_size=image_size, empty_fraction=0.5)
         dicts = load_dataset_dicts(tmp / "data" / "train_ship_segmentations_v2.csv", tmp / "data" / "train_v2", image_size=image_size)
@@ -119,7 +120,7 @@ def main(argv=None):
             *args.opts, "PATHS.RUNS_DIR", str(tmp / "runs"), "DETECTOR.STAGES", f"[[{size}, {args.iters}, 0.01, 2]]",
             "DETECTOR.EVAL_PERIOD", "0", "SOLVER.CHECKPOINT_PERIOD", "100000", "DETECTOR.LOG_PERIOD", "20",
         ])
-        stage = module_train.get_stage(cfg, 1)
+        stage = module_config.get_stage(cfg, 1)
         print(f"config {args.config}: {cfg.MODEL.RESNETS.DEPTH}-layer ResNet FPN, input {size}x{size}, "
               f"batch {cfg.SOLVER.IMS_PER_BATCH}, {len(dicts)} images, {args.iters} iterations per run, "
               f"torch threads {torch.get_num_threads()}, device {cfg.MODEL.DEVICE}")
@@ -134,7 +135,7 @@ def main(argv=None):
         print(f"\ns/iter: module_train {ours_s:.3f}, DefaultTrainer {raw_s:.3f}, ratio {ours_s / raw_s:.3f} (target <= 1.05)")
 
         mapper = module_train.ShipDatasetMapper(cfg, size, is_train=True)
-        model_cfg = module_train.get_model_cfg(cfg, stage)
+        model_cfg = module_config.get_model_cfg(cfg, stage)
         d2_mapper = DatasetMapper(model_cfg, is_train=True)
         mapper_images_per_second(mapper, dicts, 5)  # warm the page cache
         ours_ips = mapper_images_per_second(mapper, dicts, args.loader_images)

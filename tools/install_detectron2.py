@@ -281,9 +281,12 @@ def main(argv=None) -> int:
     parser.add_argument("--cache-dir", type=Path, default=Path(".cache"),
                         help="where the downloaded sdist is kept (default: .cache)")
     parser.add_argument("--force", action="store_true", help="reinstall even if up to date")
+    parser.add_argument("--wheel-dir", type=Path, default=None,
+                        help="build a wheel of the patched sdist into this folder instead of installing "
+                             "(for a machine without registry access: bench/device_wheels.sh)")
     args = parser.parse_args(argv)
 
-    if not args.force and installed_patch_version() == PATCH_VERSION:
+    if args.wheel_dir is None and not args.force and installed_patch_version() == PATCH_VERSION:
         print(f"[detectron2] already installed ({PATCH_VERSION})")
         return 0
 
@@ -306,6 +309,12 @@ def main(argv=None) -> int:
             raise SystemExit(f"[detectron2] refusing to unpack {sdist}: {exc}") from None
         root = Path(tmp) / "pb1-detectron2-0.6"
         apply_patches(root)
+        if args.wheel_dir is not None:
+            args.wheel_dir.mkdir(parents=True, exist_ok=True)
+            subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "--quiet",
+                            "--wheel-dir", str(args.wheel_dir), str(root)], check=True)
+            print(f"[detectron2] wheel ({PATCH_VERSION}) written to {args.wheel_dir}")
+            return 0
         print("[detectron2] patched; installing", flush=True)
         subprocess.run(
             [sys.executable, "-m", "pip", "install", "--no-build-isolation", "--no-deps",

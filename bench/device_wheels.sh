@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Fill .device-wheels/ with what bench/device_check.sh needs on a GPU machine that has PyTorch,
+# torchvision, numpy, pandas, OpenCV, scikit-learn, matplotlib, numba, tensorboard, portalocker
+# and cloudpickle but no registry access (the lent nvidia-h200 image, Python 3.12): the pinned
+# pure-Python packages, the cp312 wheels of the compiled ones, and a detectron2 wheel built from
+# the patched sdist (tools/install_detectron2.py --wheel-dir). They are installed there with
+# --no-deps. Run here (PyPI reachable), then carry .device-wheels (a few MB) to the device machine.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+OUT=.device-wheels
+mkdir -p "$OUT"
+pin() { grep -E "^$1==" requirements.txt | cut -d' ' -f1; }
+"$PY" -m pip download --quiet --no-deps --dest "$OUT" --only-binary=:all: --python-version 3.12 \
+    --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
+    "$(pin pycocotools)" "$(pin simplejpeg)" "$(pin plum-dispatch)"
+"$PY" -m pip download --quiet --no-deps --dest "$OUT" \
+    "$(pin fastai)" "$(pin fvcore)" "$(pin iopath)" "$(pin yacs)" "$(pin omegaconf)" \
+    "$(pin hydra-core)" "$(pin termcolor)" fastcore==2.2.41 fastprogress==1.1.6 fasttransform==0.0.5 \
+    fastdownload==0.0.8 beartype==0.23.1 antlr4-python3-runtime==4.9.3
+"$PY" tools/install_detectron2.py --wheel-dir "$OUT"
+ls -la "$OUT"
