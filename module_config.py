@@ -471,7 +471,7 @@ def get_cfg(config_file: str | os.PathLike | None = None, opts: Sequence[str] = 
         if not Path(config_file).is_file():
             raise FileNotFoundError(f"config file {config_file} does not exist")
         try:
-            cfg.merge_from_file(str(config_file))
+            _merge_config_file(cfg, config_file)
         except KeyError as exc:
             raise KeyError(f"{config_file}: {exc.args[0]} (see module_config.py for every key)") from None
     opts = parse_overrides(opts)
@@ -504,6 +504,24 @@ def parse_overrides(opts: Sequence[str]) -> list[str]:
     if len(flat) % 2:
         raise ValueError(f"overrides must be KEY VALUE pairs (or KEY=VALUE), got an odd number: {list(opts)}")
     return flat
+
+
+def _merge_config_file(cfg: CN, config_file: str | os.PathLike) -> None:
+    """``cfg.merge_from_file``, with whole numbers given to float keys made floats (a YAML
+    ``TIME_BUDGET_MIN: 4`` is fine, as ``4.0`` is); ``_BASE_`` files are followed as detectron2 does."""
+    loaded = cfg.load_yaml_with_base(str(config_file), allow_unsafe=False)
+    _floats_in_tree(cfg, loaded)
+    loaded.setdefault("VERSION", cfg.VERSION)
+    cfg.merge_from_other_cfg(type(cfg)(loaded))
+
+
+def _floats_in_tree(node: CN, loaded: dict) -> None:
+    for key, value in loaded.items():
+        current = node.get(key) if isinstance(node, CN) else None
+        if isinstance(current, CN) and isinstance(value, dict):
+            _floats_in_tree(current, value)
+        elif isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+            loaded[key] = float(value)
 
 
 def _floats_for_float_keys(cfg: CN, opts: Sequence[str]) -> list:
@@ -541,6 +559,17 @@ def save_cfg(cfg: CN, run_dir: str | os.PathLike) -> Path:
 
 
 # ============================================================================ command line
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"i/n"`` -> ``(i, n)``, with ``0 <= i < n`` (shards are numbered from 0)."""
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard {text!r}: expected i/n, e.g. 0/3") from None
+    if count < 1 or not 0 <= index < count:
+        raise ValueError(f"--shard {text!r}: need n >= 1 and 0 <= i < n (shards are numbered from 0)")
+    return index, count
+
+
 def add_config_args(parser: argparse.ArgumentParser, overrides: bool = True) -> argparse.ArgumentParser:
     """The options every command with a config takes: ``--config`` (default :data:`DEFAULT_CONFIG`)
     and trailing overrides (``KEY VALUE`` or ``KEY=VALUE``)."""
@@ -583,6 +612,7 @@ def get_input_path(cfg: CN, name: str) -> Path:
 
 
 def _in_dir(folder: Path, name: str) -> Path:
+    """``folder / name``, with ``folder`` created (``name`` is not)."""
     folder.mkdir(parents=True, exist_ok=True)
     return folder / name
 
@@ -634,7 +664,7 @@ def _named(files: dict[str, str], what: str, component: str) -> str:
 
 
 def get_classifier_dir(cfg: CN) -> Path:
-    """``runs/<run>/classifier`` (created)."""
+    """``runs/<run>/classifier`` (the run folder is created; this one when written into)."""
     return _in_dir(get_run_dir(cfg), "classifier")
 
 
@@ -644,7 +674,7 @@ def get_classifier_path(cfg: CN, what: str = "export") -> Path:
 
 
 def get_detector_dir(cfg: CN) -> Path:
-    """``runs/<run>/detector`` (created)."""
+    """``runs/<run>/detector`` (the run folder is created; this one when written into)."""
     return _in_dir(get_run_dir(cfg), "detector")
 
 
@@ -667,7 +697,7 @@ STAGE_FOLDER = re.compile(r"^stage(\d+)_(\d+)$")  # Stage.name; earlier runs mov
 
 
 def get_submission_dir(cfg: CN) -> Path:
-    """``runs/<run>/submission`` (created)."""
+    """``runs/<run>/submission`` (the run folder is created; this one when written into)."""
     return _in_dir(get_run_dir(cfg), "submission")
 
 
@@ -677,7 +707,7 @@ def get_submission_path(cfg: CN, what: str = "submission") -> Path:
 
 
 def get_detect_dir(cfg: CN) -> Path:
-    """``runs/<run>/detect`` (created): where ``module_detect.py`` writes without ``--out``."""
+    """``runs/<run>/detect`` (the run folder is created): where ``module_detect.py`` writes without ``--out``."""
     return _in_dir(get_run_dir(cfg), "detect")
 
 

@@ -30,6 +30,17 @@ def test_real_config_uses_coco_weights_and_demo_random_init():
     assert demo.SYNTH.ENABLED and not demo.CLASSIFIER.PRETRAINED
 
 
+def test_the_demo_trains_to_time_budgets_and_the_real_config_keeps_its_models():
+    real = module_config.get_cfg(ROOT / "configs" / "airbus.yaml")
+    demo = module_config.get_cfg(ROOT / "configs" / "demo.yaml")
+    tiny = module_config.get_cfg(ROOT / "configs" / "tiny.yaml")
+    assert real.CLASSIFIER.ARCH == "resnet34" and real.MODEL.RESNETS.DEPTH == 50 and "FPN" in real.MODEL.BACKBONE.NAME.upper()
+    assert real.CLASSIFIER.TIME_BUDGET_MIN == real.DETECTOR.TIME_BUDGET_MIN == 0  # epochs and iterations as set
+    assert demo.CLASSIFIER.ARCH == "resnet18" and demo.CLASSIFIER.TIME_BUDGET_MIN > 0 and demo.DETECTOR.TIME_BUDGET_MIN > 0
+    assert demo.CLASSIFIER.TIME_BUDGET_MIN + demo.DETECTOR.TIME_BUDGET_MIN <= 16  # + data, tuning, prediction: <= 20 min
+    assert tiny.CLASSIFIER.TIME_BUDGET_MIN == tiny.DETECTOR.TIME_BUDGET_MIN == 0  # the tests' runs stay tiny
+
+
 def test_real_config_has_three_stages_256_512_768():
     cfg = module_config.get_cfg(ROOT / "configs" / "airbus.yaml")
     assert [stage[0] for stage in cfg.DETECTOR.STAGES] == [256, 512, 768]
@@ -100,6 +111,18 @@ def test_integer_override_of_a_float_key_is_taken_as_float():
     cfg = module_config.get_cfg(None, ["SUBMIT.CLASSIFIER_THRESHOLD", "0", "SUBMIT.SCORE_THRESHOLD", "1"])
     assert cfg.SUBMIT.CLASSIFIER_THRESHOLD == 0.0 and isinstance(cfg.SUBMIT.CLASSIFIER_THRESHOLD, float)
     assert cfg.SUBMIT.SCORE_THRESHOLD == 1.0
+
+
+def test_whole_numbers_for_float_keys_in_a_config_file_are_floats(tmp_path):
+    (tmp_path / "base.yaml").write_text("_BASE_: " + str(ROOT / "configs" / "demo.yaml") + "\n")
+    (tmp_path / "mine.yaml").write_text("_BASE_: base.yaml\nCLASSIFIER:\n  TIME_BUDGET_MIN: 4\n"
+                                        "SUBMIT:\n  SCORE_THRESHOLD: 1\n")
+    cfg = module_config.get_cfg(tmp_path / "mine.yaml")
+    assert cfg.CLASSIFIER.TIME_BUDGET_MIN == 4.0 and isinstance(cfg.CLASSIFIER.TIME_BUDGET_MIN, float)
+    assert cfg.SUBMIT.SCORE_THRESHOLD == 1.0 and cfg.PATHS.RUN_NAME == "demo"  # the bases are followed
+    (tmp_path / "bad.yaml").write_text("CLASSIFIER:\n  EPOCHS: 2.5\n")  # no float -> int: still an error
+    with pytest.raises(ValueError, match="EPOCHS"):
+        module_config.get_cfg(tmp_path / "bad.yaml")
 
 
 def test_tiny_config_is_the_demo_at_tiny_sizes():
