@@ -94,10 +94,19 @@ def format_duration(seconds: float | None) -> str:
     return f"{seconds}s"
 
 
+def plural(unit: str) -> str:
+    """``"batch"`` -> ``"batches"``, ``"iter"`` -> ``"iters"``."""
+    if not unit:
+        return unit
+    return unit + ("es" if unit.endswith(("ch", "sh", "s", "x")) else "s")
+
+
 def format_progress(progress: dict | None, section: str = "", elapsed_s: float | None = None,
                     now: float | None = None) -> str:
-    """One status line: ``[12:03:15 +4m10s] 3. Classifier | classifier: epoch 5/12 | loss 0.412 |
-    step ETA 2m10s | run ETA 9m`` (parts without data are left out)."""
+    """One status line: ``[12:03:15 +4m10s] | 3. Classifier | classifier epoch 5/12: 140/336 batches |
+    loss 0.412 | step ETA 2m10s | run ETA ~9m00s`` (parts without data are left out). The run ETA
+    adds ``remaining_plan_s``, the steps after this one; ``run ETA >...`` when
+    ``remaining_plan_partial`` says that some of them are not known yet (a lower bound)."""
     now = now or time.time()
     parts = [f"[{time.strftime('%H:%M:%S', time.localtime(now))}"
              + (f" +{format_duration(elapsed_s)}]" if elapsed_s is not None else "]")]
@@ -106,7 +115,7 @@ def format_progress(progress: dict | None, section: str = "", elapsed_s: float |
     stale = progress is not None and now - progress.get("updated", now) > 3 * PRINT_INTERVAL_S
     if progress and not stale:
         unit, total = progress.get("unit", ""), progress.get("total", 0)
-        parts.append(f"{progress.get('step', '')}: {unit} {progress.get('done', 0)}/{total}" if total
+        parts.append(f"{progress.get('step', '')}: {progress.get('done', 0)}/{total} {plural(unit)}" if total
                      else str(progress.get("step", "")))
         if progress.get("loss") is not None:
             parts.append(f"loss {progress['loss']:.4g}")
@@ -119,5 +128,6 @@ def format_progress(progress: dict | None, section: str = "", elapsed_s: float |
             eta = max(0.0, eta - (now - progress.get("updated", now)))
             parts.append(f"step ETA {format_duration(eta)}")
             if progress.get("remaining_plan_s") is not None:
-                parts.append(f"run ETA ~{format_duration(eta + progress['remaining_plan_s'])}")
+                at_least = ">" if progress.get("remaining_plan_partial") else "~"
+                parts.append(f"run ETA {at_least}{format_duration(eta + progress['remaining_plan_s'])}")
     return " | ".join(parts)

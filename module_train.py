@@ -679,7 +679,9 @@ class RetainingPeriodicCheckpointer(hooks.PeriodicCheckpointer):
 
 
 class ProgressHook(HookBase):
-    """Writes the stage's iteration, loss and latest validation F2 to ``runs/<run>/progress.json``."""
+    """Writes the stage's iteration, loss and latest validation F2 to ``runs/<run>/progress.json``,
+    and, under a time budget, the planned seconds of the later stages (``remaining_plan_s``, from
+    ``plan.json``) for the run's ETA."""
 
     def __init__(self, cfg: CfgNode, stage: Stage, n_stages: int, validation: "ValidationHook"):
         self.reporter = None
@@ -687,7 +689,8 @@ class ProgressHook(HookBase):
         if comm.is_main_process():
             self.reporter = ProgressReporter(module_config.get_progress_path(cfg),
                                              f"detector stage {stage.index}/{n_stages} @ {stage.size} px",
-                                             stage.iterations, "iter")
+                                             stage.iterations, "iter",
+                                             remaining_plan_s=planned_seconds_after(cfg, stage))
 
     def before_train(self) -> None:
         if self.reporter is not None:
@@ -912,11 +915,13 @@ def build_stage_trainer(cfg: CfgNode, stage: Stage, train_dicts: Sequence[dict],
             StepSeed(seed, stage.index),
             hooks.LRScheduler(optimizer=optimizer, scheduler=scheduler),
             trainer.input_size_guard,
-            RetainingPeriodicCheckpointer(checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD, max_iter=stage.iterations,
-                                          max_to_keep=cfg.DETECTOR.MAX_CHECKPOINTS_KEPT or None),
             trainer.validation,
             ProgressHook(cfg, stage, n_stages, trainer.validation),
             hooks.PeriodicWriter(writers, period=cfg.DETECTOR.LOG_PERIOD),
+            # after the writer: an iteration's metrics are on disk before its checkpoint is, so a
+            # kill between the two can repeat a metrics line on resume but never lose one
+            RetainingPeriodicCheckpointer(checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD, max_iter=stage.iterations,
+                                          max_to_keep=cfg.DETECTOR.MAX_CHECKPOINTS_KEPT or None),
             StopGuard(checkpointer, stage, deadline),  # last: a stop comes after this iteration's writes
         ]
     )
@@ -1071,6 +1076,22 @@ def _log_to_file(path: Path) -> Iterator[None]:
             root.removeHandler(handler)
             root.setLevel(level)
             handler.close()
+
+
+def planned_seconds_after(cfg: CfgNode, stage: Stage) -> float | None:
+    """Planned seconds of the stages after ``stage`` (``plan.json``'s expected times, validation
+    included); 0.0 for the last stage, None without a time budget's plan."""
+    n_stages = len(cfg.DETECTOR.STAGES)
+    if stage.index >= n_stages:
+        return 0.0
+    plan_path = get_detector_path(cfg, "plan")
+    if cfg.DETECTOR.TIME_BUDGET_MIN <= 0 or not plan_path.is_file():
+        return None
+    try:
+        expected = json.loads(plan_path.read_text())["plan"]["expected_s"]
+    except (OSError, ValueError, KeyError):
+        return None
+    return float(sum(expected[stage.index:n_stages]))
 
 
 def _stage_deadlines(record: dict | None, stages: Sequence[Stage]) -> dict[int, float]:

@@ -96,21 +96,33 @@ class ProgressPrinter:
         while not self._stop.wait(self.interval):
             print(self.line(), flush=True)
 
-    def remaining_after(self, progress: dict | None) -> float | None:
-        """Planned seconds of the training steps after the running one (time budgets), plus tuning and
-        prediction from the detector's measured inference speed; None when unknown."""
+    def remaining_after(self, progress: dict | None) -> tuple[float | None, bool]:
+        """``(seconds, partial)``: planned seconds of the steps after the running one: the detector's
+        time budget while the classifier trains, its later stages while it trains (``plan.json``),
+        tuning and prediction from the detector's measured inference speed once known. ``partial`` when some later step is not known yet (the sum is a
+        lower bound); ``(None, False)`` when nothing is known."""
         step = (progress or {}).get("step", "")
-        later = 0.0
+        if not step.startswith(("classifier", "detector")):
+            return None, False
+        later, partial = 0.0, False
+        if step.startswith("detector stage"):  # its later stages, as the time budget planned them
+            if (progress or {}).get("remaining_plan_s") is not None:
+                later += progress["remaining_plan_s"]
+            else:
+                partial = True
         if step.startswith("classifier"):
-            later += 60 * self.cfg.DETECTOR.TIME_BUDGET_MIN if self.cfg.DETECTOR.TIME_BUDGET_MIN > 0 else float("nan")
+            if self.cfg.DETECTOR.TIME_BUDGET_MIN > 0:
+                later += 60 * self.cfg.DETECTOR.TIME_BUDGET_MIN
+            else:
+                partial = True
         seconds_per_image = (progress or {}).get("infer_s_per_image")
-        if step.startswith(("classifier", "detector")) and seconds_per_image:
-            n_images = self.cfg.SYNTH.N_TEST + self.cfg.DATA.VAL_FRACTION * self.cfg.SYNTH.N_TRAIN \
-                if self.cfg.SYNTH.ENABLED else None
-            later += n_images * seconds_per_image * (3 if self.cfg.SUBMIT.TTA else 1) if n_images else float("nan")
-        elif step.startswith(("classifier", "detector")):
-            later = float("nan")
-        return None if later != later else later
+        n_images = self.cfg.SYNTH.N_TEST + self.cfg.DATA.VAL_FRACTION * self.cfg.SYNTH.N_TRAIN \
+            if self.cfg.SYNTH.ENABLED else None
+        if seconds_per_image and n_images:
+            later += n_images * seconds_per_image * (3 if self.cfg.SUBMIT.TTA else 1)
+        else:
+            partial = True
+        return (later if later > 0 else None), partial
 
     def line(self) -> str:
         from module_progress import format_progress, read_progress
@@ -118,7 +130,8 @@ class ProgressPrinter:
         section, cell, n_cells = current_section(self.partial)
         progress = read_progress(self.progress_path)
         if progress is not None:
-            progress = dict(progress, remaining_plan_s=self.remaining_after(progress))
+            remaining, partial = self.remaining_after(progress)
+            progress = dict(progress, remaining_plan_s=remaining, remaining_plan_partial=partial)
         if cell:
             self._where = f"{section} (cell {cell}/{n_cells})" if section else f"cell {cell}/{n_cells}"
         return format_progress(progress, self._where, elapsed_s=time.time() - self.started)
