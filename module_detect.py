@@ -73,7 +73,7 @@ from tqdm.auto import tqdm
 
 import module_config
 import module_plots
-from module_config import DETECT_FORMATS
+from module_config import DETECT_FORMATS, parse_shard
 from module_files import (TooManyFailures, atomic_path, check_failure_limit, get_failure_report_path, read_image,
                           write_failure_report, write_text_atomic)
 from module_inference import (DetectFn, PShipArrayFn, Thresholds, apply_thresholds, build_detect_fn,
@@ -1256,7 +1256,7 @@ def detect(cfg, images: Sequence[str | os.PathLike], out: str | os.PathLike | No
     elif p_ship_fn is None:
         p_ship_fn = build_p_ship_array_fn(cfg, classifier)
     detect_fn = detect_fn or build_detect_fn(cfg, weights)
-    shard_index, shard_count = _parse_shard(shard) if shard else (0, 1)
+    shard_index, shard_count = parse_shard(shard) if shard else (0, 1)
     part = detect_part(scene_paths, settings, detect_fn, p_ship_fn, (shard_index, shard_count), (rank, world_size),
                        failures, progress and rank == 0)
     parts = gather_parts(part, rank, world_size)
@@ -1273,16 +1273,6 @@ def detect(cfg, images: Sequence[str | os.PathLike], out: str | os.PathLike | No
     result = finish(part, out_dir, seconds=time.perf_counter() - started, extra=extra)
     _check_failures(result, cfg.DETECT.MAX_FAILED if max_failed is None else max_failed)
     return result
-
-
-def _parse_shard(text: str) -> tuple[int, int]:
-    try:
-        index, count = (int(part) for part in text.split("/"))
-    except ValueError:
-        raise ValueError(f"--shard {text!r}: expected i/n, e.g. 0/3") from None
-    if count < 1 or not 0 <= index < count:
-        raise ValueError(f"--shard {text!r}: need n >= 1 and 0 <= i < n (shards are numbered from 0)")
-    return index, count
 
 
 def _check_failures(result: DetectResult, max_failed: float) -> None:

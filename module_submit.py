@@ -56,7 +56,7 @@ from tqdm.auto import tqdm
 import module_config
 import module_metric
 import module_plots
-from module_config import get_cfg_from_args, get_plot_path, get_submission_path
+from module_config import get_cfg_from_args, get_plot_path, get_submission_path, parse_shard
 from module_files import (TooManyFailures, atomic_path, check_failure_limit, get_failure_report_path, list_images,
                           read_image, read_image_ids, read_segmentation_csv, write_failure_report)
 from module_inference import (DetectFn, PShipFn, Thresholds, apply_thresholds, build_detect_fn, build_p_ship_fn,
@@ -181,17 +181,6 @@ def write_submission(rows: pd.DataFrame, path: str | Path) -> Path:
 
 
 # ============================================================================ shards
-def parse_shard(text: str) -> tuple[int, int]:
-    """``"i/n"`` -> ``(i, n)``, with ``0 <= i < n`` (shards are numbered from 0)."""
-    try:
-        index, count = (int(part) for part in text.split("/"))
-    except ValueError:
-        raise ValueError(f"--shard {text!r}: expected i/n, e.g. 0/3") from None
-    if count < 1 or not 0 <= index < count:
-        raise ValueError(f"--shard {text!r}: need n >= 1 and 0 <= i < n (shards are numbered from 0)")
-    return index, count
-
-
 def select_shard(image_ids: Sequence[str], index: int, count: int) -> list[str]:
     """Shard ``index`` of ``count``: every ``count``-th id from position ``index`` (balanced)."""
     return list(image_ids)[index::count]

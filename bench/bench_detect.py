@@ -44,7 +44,7 @@ import numpy as np  # noqa: E402
 import module_config  # noqa: E402
 import module_detect  # noqa: E402
 import module_inference  # noqa: E402
-from module_files import list_images, read_image, read_segmentation_csv  # noqa: E402
+from module_files import list_images, read_segmentation_csv  # noqa: E402
 
 METHODS = ("gated", "ungated", "sahi")
 MATCH_IOU = 0.9
@@ -76,7 +76,6 @@ def get_cfg(args):
 # ---------------------------------------------------------------- the scene
 def build_scene(cfg, grid: int, sea: float, seed: int, out: Path) -> dict:
     """The mosaic GeoTIFF and which cells hold ships: ``{"path", "tile", "ship_cells": [[r, c], ...]}``."""
-    import rasterio
     from affine import Affine
     from rasterio.crs import CRS
 
@@ -96,20 +95,15 @@ def build_scene(cfg, grid: int, sea: float, seed: int, out: Path) -> dict:
     path = out / f"scene_{grid}x{grid}.tif"
     out.mkdir(parents=True, exist_ok=True)
     ship_order = rng.permutation(len(ship_tiles))
-    with rasterio.open(path, "w", driver="GTiff", height=grid * tile, width=grid * tile, count=3, dtype="uint8",
-                       crs=CRS.from_epsg(32631), transform=Affine.translation(500_000, 4_650_000) * Affine.scale(3, -3),
-                       tiled=True, blockxsize=256, blockysize=256, compress="deflate") as dst:
-        used = 0
-        for cell in range(cells):
-            if cell in ship_cells:
-                source = ship_tiles[ship_order[used % len(ship_tiles)]]
-                used += 1
-            else:
-                source = sea_tiles[int(rng.integers(len(sea_tiles)))]
-            image = np.rot90(read_image(source, tile), int(rng.integers(4)) if cell not in ship_cells else 0)
-            row, col = divmod(cell, grid)
-            dst.write(np.ascontiguousarray(image.transpose(2, 0, 1)),
-                      window=rasterio.windows.Window(col * tile, row * tile, tile, tile))
+    sources, used = [], 0
+    for cell in range(cells):
+        if cell in ship_cells:
+            sources.append(ship_tiles[ship_order[used % len(ship_tiles)]])
+            used += 1
+        else:
+            sources.append(sea_tiles[int(rng.integers(len(sea_tiles)))])
+    module_detect.write_mosaic(sources, grid, path, crs=CRS.from_epsg(32631),
+                               transform=Affine.translation(500_000, 4_650_000) * Affine.scale(3, -3))
     return {"path": str(path), "tile": tile, "ship_cells": sorted(divmod(c, grid) for c in ship_cells),
             "n_ship_tiles_available": len(ship_tiles)}
 

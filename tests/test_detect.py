@@ -268,6 +268,30 @@ def test_merge_joins_pieces_in_the_band_and_keeps_neighbours_apart():
 
 
 # ---------------------------------------------------------------- 1. a scene from real tiles
+@pytest.mark.parametrize("suffix", [".png", ".tif"])
+def test_write_mosaic_lays_tiles_row_by_row_and_pads_the_short_row(real_tiles, tmp_path, suffix):
+    """Three real tiles, two per row: tile k at (k // 2, k % 2) * 768, black in the missing cell;
+    the GeoTIFF keeps the CRS and transform it was given."""
+    paths = []
+    for name, image, _ in real_tiles[:3]:
+        Image.fromarray(image).save(tmp_path / f"{name}.png")
+        paths.append(tmp_path / f"{name}.png")
+    transform = Affine.translation(500_000, 4_650_000) * Affine.scale(3, -3)
+    out = md.write_mosaic(paths, 2, tmp_path / f"scene{suffix}", crs=UTM_31N, transform=transform)
+    if suffix == ".tif":
+        with rasterio.open(out) as src:
+            assert src.crs == UTM_31N and src.transform == transform
+            scene = src.read().transpose(1, 2, 0)
+    else:
+        scene = np.asarray(Image.open(out).convert("RGB"))
+    assert scene.shape == (1536, 1536, 3)
+    for k, (_, image, _) in enumerate(real_tiles[:3]):
+        row, col = divmod(k, 2)
+        np.testing.assert_array_equal(scene[row * 768:(row + 1) * 768, col * 768:(col + 1) * 768], image)
+    assert not scene[768:, 768:].any()
+    assert not list(tmp_path.glob("*.tmp*")), "written atomically, nothing left behind"
+
+
 def test_mosaic_without_overlap_gives_the_per_tile_predictions_shifted(real_tiles, tiny_run_cfg, biased_detector,
                                                                        tmp_path):
     """End to end through load_detector / predict_instances: aligned slices, no overlap -> exactly

@@ -206,7 +206,7 @@ def test_merge_validates_every_shard_and_names_the_bad_one(tmp_path, bad_row, pr
 @pytest.mark.parametrize("text", ["3/3", "-1/3", "1", "a/b", "0/0"])
 def test_bad_shard_spec_is_rejected(text):
     with pytest.raises(ValueError, match="--shard"):
-        module_submit.parse_shard(text)
+        module_config.parse_shard(text)
 
 
 # --------------------------------------------------------------------------- validate
