@@ -131,7 +131,8 @@ def get_default_weights_path(cfg) -> Path:
 
 def load_detector(cfg, weights: str | os.PathLike | None = None) -> torch.nn.Module:
     """The Mask R-CNN of ``cfg`` with ``weights`` (default: the run's, :func:`get_default_weights_path`)
-    loaded, in eval mode on ``cfg.MODEL.DEVICE``.
+    loaded, in eval mode on ``cfg.MODEL.DEVICE`` (on a CPU with channels-last weights: faster, and
+    the same predictions).
 
     ``model.input_size`` is the input size recorded in the checkpoint (the stage it was trained
     at; the last stage's size for files that do not record one).
@@ -145,6 +146,10 @@ def load_detector(cfg, weights: str | os.PathLike | None = None) -> torch.nn.Mod
     model = build_model(get_model_cfg(cfg))
     extra = DetectionCheckpointer(model).load(resolve_weights(weights))
     model.input_size = int(extra.get("input_size", get_stages(cfg)[-1].size))
+    if next(model.parameters()).device.type == "cpu":
+        # oneDNN's NHWC convolutions: 1.20x images/s on AVX-512, 1.13x on AVX2, the same masks
+        # (bench/bench_cpu_precision.py: mean mask IoU 1.0000, every instance matched)
+        model.to(memory_format=torch.channels_last)
     model.eval()
     return model
 
@@ -183,7 +188,7 @@ def _instances_to_prediction(instances) -> dict:
     masks = instances.pred_masks.numpy().astype(bool) if instances.has("pred_masks") else None
     if masks is None or len(instances) == 0:
         masks = np.zeros((0, *instances.image_size), bool)
-    scores = instances.scores.numpy().astype(np.float32)
+    scores = instances.scores.float().numpy()  # float32 also from a bf16 autocast pass
     order = np.argsort(-scores, kind="stable")
     return {"masks": masks[order], "scores": scores[order]}
 

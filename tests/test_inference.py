@@ -133,6 +133,16 @@ def test_load_detector_and_predict_with_the_real_model(tiny_cfg, tmp_path):
             n = len(prediction["scores"])
             assert prediction["masks"].shape == (n, *image.shape[:2]) and prediction["masks"].dtype == bool
             assert prediction["scores"].dtype == np.float32 and np.all(np.diff(prediction["scores"]) <= 0)
+    # on a CPU the weights are channels-last, and predict as the contiguous model does
+    conv = next(m for m in loaded.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    model.eval()
+    for got, expected in zip(module_inference.predict_instances(loaded, images, input_size=64),
+                             module_inference.predict_instances(model, images, input_size=64)):
+        np.testing.assert_allclose(got["scores"], expected["scores"], rtol=1e-4, atol=1e-5)
+        assert got["masks"].shape == expected["masks"].shape
+        if len(expected["scores"]):
+            assert (got["masks"] == expected["masks"]).mean() > 0.999
     with pytest.raises(FileNotFoundError, match="nope.pth"):
         module_inference.load_detector(cfg, tmp_path / "nope.pth")
     with pytest.raises(ValueError, match="uint8 RGB"):
