@@ -74,6 +74,23 @@ class ProgressReporter:
         return max(0.0, planned - (now - self.fields["started"])) if planned else None
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MB: ``VmHWM`` of ``/proc/self/status`` on Linux.
+
+    Not ``getrusage().ru_maxrss``: Linux carries that across ``exec`` from the memory the process
+    had before it (a child that ``subprocess`` forks from a 4 GB pytest reports 4 GB), where
+    ``VmHWM`` counts only the program running now. Falls back to ``ru_maxrss`` elsewhere."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def read_progress(path: str | os.PathLike) -> dict | None:
     """The progress a step last wrote (None when there is none or it is unreadable mid-write)."""
     try:

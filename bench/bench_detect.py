@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -110,7 +109,9 @@ def build_scene(cfg, grid: int, sea: float, seed: int, out: Path) -> dict:
 
 # ---------------------------------------------------------------- one method, in its own process
 def rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    from module_progress import peak_rss_mb
+
+    return peak_rss_mb()
 
 
 def run_ours(cfg, scene: dict, gated: bool, out: Path, overlap: int) -> dict:

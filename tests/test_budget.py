@@ -156,3 +156,16 @@ def test_device_check_runs_in_its_tiny_form(tmp_path):
     assert training["module_train_s_per_iter"] > 0 and training["default_trainer_s_per_iter"] > 0
     assert report["detector_inference"]["images_per_s"] > 0 and report["classifier_inference"]["images_per_s"] > 0
     assert report["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+
+
+def test_peak_rss_counts_this_program_not_the_process_it_was_forked_from():
+    """A child forked from a process holding 600 MB and exec'd into a small Python reports its own
+    peak (VmHWM), where ``ru_maxrss`` carries the parent's memory across exec."""
+    import numpy as np
+
+    ballast = np.ones(600 * 2**20 // 8)  # 600 MB resident in this process
+    code = "import module_progress, resource; print(module_progress.peak_rss_mb(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    own, maxrss = map(float, done.stdout.split())
+    assert ballast.sum() > 0 and own < 300, (own, maxrss)
