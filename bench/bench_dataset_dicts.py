@@ -71,11 +71,12 @@ def make_train_scale_csv(source_csv: str | os.PathLike, out_csv: str | os.PathLi
 
 
 CHILD = r"""
-import json, resource, sys, time
+import json, sys, time
 sys.path.insert(0, {repo!r})
 import module_preprocessing
 from detectron2.structures import BoxMode  # the import (torch) is not part of the conversion
-rss_imports = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+from module_progress import peak_rss_mb  # VmHWM: this program's own peak, not the forking parent's
+rss_imports = peak_rss_mb()
 start = time.perf_counter()  # numba's start-up: its import and loading the compiled kernels (compiling them, the first time)
 module_preprocessing.load_dataset_dicts({tiny!r}, {images!r}, check_images="off")
 startup = time.perf_counter() - start
@@ -88,7 +89,7 @@ start = time.perf_counter()  # the same again in this process (memory already ma
 module_preprocessing.load_dataset_dicts({csv!r}, {images!r}, check_images="off")
 again = time.perf_counter() - start
 print(json.dumps({{"seconds": seconds, "again_seconds": again, "startup_seconds": startup, "images": images,
-                  "annotations": annotations, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "annotations": annotations, "peak_rss_mb": peak_rss_mb(),
                   "rss_after_imports_mb": rss_imports}}))
 """
 
