@@ -175,6 +175,10 @@ def add_airbus_config(cfg: CN) -> CN:
     # With MODEL.WEIGHTS "" (random init) the ResNet uses this norm instead of FrozenBN, and
     # BACKBONE.FREEZE_AT becomes 0: "BN", "GN" or "SyncBN" (multi-GPU only).
     cfg.DETECTOR.RANDOM_INIT_NORM = "BN"
+    # With MODEL.WEIGHTS "" only: start stage 1's ResNet from the trained ship classifier's body
+    # (CLASSIFIER.ARCH must be the same ResNet as MODEL.RESNETS.DEPTH), so the detector does not
+    # learn its features from nothing; the FPN and heads stay random. The classifier trains first.
+    cfg.DETECTOR.BACKBONE_FROM_CLASSIFIER = False
     # Seed of the hard-negative sample, weight init, sampling and augmentation (each rank adds
     # its rank). -1: random.
     cfg.DETECTOR.SEED = 0
@@ -378,6 +382,7 @@ VALID: dict[str, tuple[Callable, str]] = {
     "DETECTOR.LR_DECAY_AT": (lambda v: isinstance(v, (list, tuple)) and all(_number(0, 1, low_open=True,
                              high_open=True)[0](f) for f in v), "a list of fractions in (0, 1)"),
     "DETECTOR.RANDOM_INIT_NORM": _one_of(NORMS),
+    "DETECTOR.BACKBONE_FROM_CLASSIFIER": (lambda v: isinstance(v, bool), "True or False"),
     "DETECTOR.SEED": _number(-1, integer=True),
     "DETECTOR.LOG_PERIOD": POSITIVE_INT,
     "DETECTOR.MAX_CHECKPOINTS_KEPT": COUNT,
@@ -450,6 +455,9 @@ def check_cfg(cfg: CN, source: str = "") -> None:
         raise ValueError(f"{where}SUBMIT.SCORE_THRESHOLDS_BY_SIZE is {list(cfg.SUBMIT.SCORE_THRESHOLDS_BY_SIZE)}; "
                          f"expected one per size bucket: {len(cfg.SUBMIT.SIZE_BUCKET_EDGES) + 1} for SUBMIT."
                          f"SIZE_BUCKET_EDGES {list(cfg.SUBMIT.SIZE_BUCKET_EDGES)}, or []")
+    if _has_key(cfg, "DETECTOR.BACKBONE_FROM_CLASSIFIER") and cfg.DETECTOR.BACKBONE_FROM_CLASSIFIER and cfg.MODEL.WEIGHTS:
+        raise ValueError(f"{where}DETECTOR.BACKBONE_FROM_CLASSIFIER is True and MODEL.WEIGHTS is {cfg.MODEL.WEIGHTS!r}: "
+                         "the classifier's body replaces random init only; set MODEL.WEIGHTS \"\" or the key False")
     try:
         get_stages(cfg)
     except ValueError as exc:
@@ -633,6 +641,7 @@ DETECTOR_FILES = {
     "val_metrics": "val_metrics.jsonl",  # one line per validation
     "log": "log.txt",
     "plan": "plan.json",  # the time-budget plan (DETECTOR.TIME_BUDGET_MIN)
+    "classifier_init": "init_from_classifier.pth",  # stage 1's start (DETECTOR.BACKBONE_FROM_CLASSIFIER)
 }
 STAGE_FILES = {
     "final": "model_final.pth",  # a finished stage's weights

@@ -986,8 +986,13 @@ def train_stage(cfg: CfgNode, stage: Stage, train_dicts: Sequence[dict], val_dic
     stage_dir = get_stage_dir(cfg, stage)
     final_path = get_stage_path(cfg, stage, "final")
     fingerprint_path = get_stage_path(cfg, stage, "fingerprint")
-    if stage.index == 1:
+    if stage.index == 1 and cfg.DETECTOR.BACKBONE_FROM_CLASSIFIER:
+        export = module_config.get_classifier_path(cfg, "export")
+        init_weights = str(get_detector_path(cfg, "classifier_init"))  # written below when the stage trains
+        init_tag = f"classifier {export}@{export.stat().st_mtime_ns if export.is_file() else 'missing'}"
+    elif stage.index == 1:
         init_weights = resolve_weights(cfg.MODEL.WEIGHTS)
+        init_tag = init_weights
     else:
         previous = get_stage_path(cfg, stages[stage.index - 2], "final")
         if not previous.is_file():
@@ -996,8 +1001,9 @@ def train_stage(cfg: CfgNode, stage: Stage, train_dicts: Sequence[dict], val_dic
                 f"train stage {stage.index - 1} first (--stage {stage.index - 1})"
             )
         init_weights = str(previous)
+        init_tag = f"{init_weights}@{previous.stat().st_mtime_ns}"
     fingerprint = get_stage_fingerprint(cfg, stage, train_dicts)
-    fingerprint["init"] = init_weights if stage.index == 1 else f"{init_weights}@{Path(init_weights).stat().st_mtime_ns}"
+    fingerprint["init"] = init_tag
     started_before = get_stage_path(cfg, stage, "last_checkpoint").exists()
     if fresh and started_before:
         _set_aside_from(cfg, stage, "FRESH / --fresh")
@@ -1015,6 +1021,8 @@ def train_stage(cfg: CfgNode, stage: Stage, train_dicts: Sequence[dict], val_dic
         with atomic_path(fingerprint_path) as tmp:
             tmp.write_text(json.dumps(fingerprint, indent=1))
     comm.synchronize()
+    if stage.index == 1 and cfg.DETECTOR.BACKBONE_FROM_CLASSIFIER and not get_stage_path(cfg, stage, "last_checkpoint").exists():
+        write_classifier_init(cfg)
     trainer = build_stage_trainer(cfg, stage, train_dicts, val_dicts, init_weights, resume=True, deadline=deadline)
     steps = get_model_cfg(cfg, stage).SOLVER.STEPS
     if trainer.start_iter:
@@ -1039,6 +1047,94 @@ def train_stage(cfg: CfgNode, stage: Stage, train_dicts: Sequence[dict], val_dic
     _check_replicas_in_sync(stage, before, trainer.model)
     logger.info(f"[{stage.name}] {outcome}")
     return final_path, outcome
+
+
+# torchvision ResNet names (fastai's body: a Sequential of conv1, bn1, relu, maxpool, layer1..4) ->
+# detectron2's ResNet under the FPN.
+_BODY_STAGES = {"4": "res2", "5": "res3", "6": "res4", "7": "res5"}
+_BLOCK_PARTS = {"conv1": "conv1", "bn1": "conv1.norm", "conv2": "conv2", "bn2": "conv2.norm", "conv3": "conv3",
+                "bn3": "conv3.norm", "downsample.0": "shortcut", "downsample.1": "shortcut.norm"}
+
+
+def classifier_body_to_detectron2(body_state: dict, cfg: CfgNode) -> dict[str, torch.Tensor]:
+    """The state of a fastai ResNet body (``learn.model[0]``) under detectron2's names
+    (``backbone.bottom_up.stem.conv1.weight``, ``backbone.bottom_up.res2.0.conv1.norm.weight``, ...).
+
+    The first convolution is rewritten for the detector's input: fastai feeds it RGB scaled to
+    [0, 1] and normalized with ImageNet's mean and std; detectron2 feeds ``INPUT.FORMAT`` (BGR)
+    0-255 minus ``MODEL.PIXEL_MEAN``, divided by ``MODEL.PIXEL_STD``. With the default
+    ``PIXEL_MEAN`` (ImageNet's mean x 255) the rewritten convolution computes exactly what the
+    classifier's did on the same image. ``ValueError`` names the first tensor whose shape differs
+    from the detector's (another ResNet depth or width).
+    """
+    from fastai.vision.all import imagenet_stats
+
+    prefix = "backbone.bottom_up."
+    out = {}
+    for key, value in body_state.items():
+        head, _, rest = key.partition(".")
+        if head == "0":
+            name = "stem.conv1." + rest
+        elif head == "1":
+            name = "stem.conv1.norm." + rest
+        elif head in _BODY_STAGES:
+            block, _, part = rest.partition(".")
+            module, _, leaf = part.rpartition(".")
+            if module not in _BLOCK_PARTS:
+                raise ValueError(f"classifier body tensor {key!r}: not a torchvision ResNet block part")
+            name = f"{_BODY_STAGES[head]}.{block}.{_BLOCK_PARTS[module]}.{leaf}"
+        else:
+            raise ValueError(f"classifier body tensor {key!r}: expected a torchvision ResNet body (fastai vision_learner)")
+        out[prefix + name] = value.detach().float().clone()
+    conv1 = out[prefix + "stem.conv1.weight"]
+    mean, std = (torch.tensor(v, dtype=torch.float32) for v in imagenet_stats)
+    if cfg.INPUT.FORMAT == "BGR":
+        conv1, mean, std = conv1.flip(1), mean.flip(0), std.flip(0)
+    pixel_std = torch.tensor(cfg.MODEL.PIXEL_STD, dtype=torch.float32)
+    out[prefix + "stem.conv1.weight"] = conv1 * (pixel_std / (255.0 * std)).view(1, -1, 1, 1)
+    pixel_mean = torch.tensor(cfg.MODEL.PIXEL_MEAN, dtype=torch.float32)
+    if (pixel_mean - 255.0 * mean).abs().max() > 1.0:
+        logger.warning(f"MODEL.PIXEL_MEAN {list(cfg.MODEL.PIXEL_MEAN)} is not ImageNet's mean x 255 in {cfg.INPUT.FORMAT}: "
+                       "the detector's first layer sees the classifier's input shifted by the difference")
+    expected = {k: v.shape for k, v in build_model(get_model_cfg(cfg)).state_dict().items() if k.startswith(prefix)}
+    for name, value in out.items():
+        if name not in expected or expected[name] != value.shape:
+            raise ValueError(
+                f"DETECTOR.BACKBONE_FROM_CLASSIFIER: the classifier's {name.removeprefix(prefix)} "
+                f"{tuple(value.shape)} does not fit the detector ({tuple(expected[name]) if name in expected else 'absent'}): "
+                f"CLASSIFIER.ARCH {cfg.CLASSIFIER.ARCH} against MODEL.RESNETS.DEPTH {cfg.MODEL.RESNETS.DEPTH} "
+                f"(RES2_OUT_CHANNELS {cfg.MODEL.RESNETS.RES2_OUT_CHANNELS}); they must be the same ResNet")
+    return out
+
+
+def _classifier_export(cfg: CfgNode) -> Path:
+    """The classifier export stage 1 starts from; ``FileNotFoundError`` saying what to do when absent."""
+    export = module_config.get_classifier_path(cfg, "export")
+    if not export.is_file():
+        raise FileNotFoundError(
+            f"DETECTOR.BACKBONE_FROM_CLASSIFIER is True but the classifier export {export} does not exist: train the "
+            "classifier first (python module_classifier.py train --config CONFIG), or set the key False")
+    return export
+
+
+def write_classifier_init(cfg: CfgNode) -> str:
+    """Write stage 1's starting weights from the trained classifier (``DETECTOR.BACKBONE_FROM_CLASSIFIER``)
+    to ``runs/<run>/detector/init_from_classifier.pth`` and return its path, tagged with the
+    classifier export's modification time (a retrained classifier changes stage 1's fingerprint).
+    """
+    import module_classifier
+
+    export = _classifier_export(cfg)
+    body = module_classifier.load_classifier(export).model[0]
+    state = classifier_body_to_detectron2(body.state_dict(), cfg)
+    path = get_detector_path(cfg, "classifier_init")
+    if comm.is_main_process():
+        with atomic_path(path) as tmp:
+            torch.save({"model": state, "__source__": str(export)}, tmp)
+    comm.synchronize()
+    logger.info(f"DETECTOR.BACKBONE_FROM_CLASSIFIER: stage 1 starts its ResNet ({len(state)} tensors) from the classifier "
+                f"{export}; the FPN and heads start random -> {path}")
+    return str(path)
 
 
 def _check_replicas_in_sync(stage: Stage, before: str, model: torch.nn.Module) -> None:
@@ -1135,7 +1231,11 @@ def train_detector(cfg: CfgNode, train_dicts: Sequence[dict], val_dicts: Sequenc
             logger.info(
                 f'MODEL.WEIGHTS is "": random init, ResNet norm {cfg.DETECTOR.RANDOM_INIT_NORM} (not FrozenBN), '
                 "BACKBONE.FREEZE_AT 0 (every layer trains)"
+                + ("; stage 1 starts its ResNet from the classifier (DETECTOR.BACKBONE_FROM_CLASSIFIER)"
+                   if cfg.DETECTOR.BACKBONE_FROM_CLASSIFIER else "")
             )
+        if cfg.DETECTOR.BACKBONE_FROM_CLASSIFIER and selected_index in (None, 1):
+            _classifier_export(cfg)  # fail before any work
         seed_everything(cfg)
         n_all = len(train_dicts)
         train_dicts = select_training_dicts(train_dicts, cfg.DETECTOR.EMPTY_FRACTION, max(cfg.DETECTOR.SEED, 0))

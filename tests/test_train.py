@@ -8,6 +8,7 @@ tested in test_inference.py.
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -134,6 +135,71 @@ def test_train_detector_errors(tiny_cfg, tmp_path):
     empty = tiny_cfg("PATHS.RUN_NAME", "empty", input_dir=no_ships)
     with pytest.raises(ValueError, match="no image with ships"):
         module_train.train_detector(empty, *get_train_val_dicts(empty))
+
+
+# ---------------------------------------------------------------- backbone from the classifier
+def _classifier_run(tiny_cfg, tiny_trained, *overrides: str):
+    """A tiny run whose classifier is ``tiny_trained``'s (ResNet-34), copied into its run folder."""
+    import shutil
+
+    cfg = tiny_cfg("DETECTOR.BACKBONE_FROM_CLASSIFIER", "True", *overrides)
+    export = module_config.get_classifier_path(cfg)
+    export.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(module_config.get_classifier_path(tiny_trained.cfg), export)
+    return cfg
+
+
+def test_the_detector_backbone_starts_from_the_classifier_and_computes_its_features(tiny_cfg, tiny_trained):
+    import module_classifier
+    from fastai.vision.all import imagenet_stats
+
+    cfg = _classifier_run(tiny_cfg, tiny_trained, "MODEL.RESNETS.DEPTH", "34", "DETECTOR.STAGES", "[[64, 2, 0.01, 0]]",
+                          "DETECTOR.EVAL_PERIOD", "0")
+    train_dicts, val_dicts = get_train_val_dicts(cfg)
+    module_train.train_detector(cfg, train_dicts, val_dicts)
+    detector_dir = module_config.get_detector_dir(cfg)
+    log = (detector_dir / "log.txt").read_text()
+    assert "stage 1 starts its ResNet (216 tensors) from the classifier" in log
+    init = module_config.get_detector_path(cfg, "classifier_init")
+    assert f"from {init}" in log  # stage 1's start
+    fingerprint = json.loads((detector_dir / "stage1_64" / "stage.json").read_text())
+    assert fingerprint["init"].startswith(f"classifier {module_config.get_classifier_path(cfg)}@")
+
+    # the detector's ResNet, as written, computes the classifier body's features on the same image
+    body = module_classifier.load_classifier(module_config.get_classifier_path(cfg)).model[0].eval().float()
+    model = build_model(module_config.get_model_cfg(cfg)).eval()
+    state = torch.load(init)["model"]
+    assert all(name.startswith("backbone.bottom_up.") for name in state)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected and not [m for m in missing if "bottom_up" in m]
+    rgb = torch.randint(0, 256, (3, 64, 64), generator=torch.Generator().manual_seed(0)).float()
+    mean, std = (torch.tensor(v).view(3, 1, 1) for v in imagenet_stats)
+    with torch.no_grad():
+        expected = body(((rgb / 255 - mean) / std)[None])
+        bgr = rgb.flip(0)  # INPUT.FORMAT BGR, 0-255
+        got = model.backbone.bottom_up(((bgr - model.pixel_mean) / model.pixel_std)[None])["res5"]
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+    # a retrained classifier is another start: stage 1 is set aside and trained again
+    export = module_config.get_classifier_path(cfg)
+    os.utime(export, ns=(export.stat().st_atime_ns, export.stat().st_mtime_ns + 10**9))
+    module_train.train_detector(cfg, train_dicts, val_dicts)
+    log = (detector_dir / "log.txt").read_text()
+    assert "its settings changed since its checkpoints were saved (init:" in log
+
+
+def test_backbone_from_the_classifier_errors(tiny_cfg, tiny_trained):
+    with pytest.raises(ValueError, match="BACKBONE_FROM_CLASSIFIER is True and MODEL.WEIGHTS is 'w.pth'"):
+        tiny_cfg("DETECTOR.BACKBONE_FROM_CLASSIFIER", "True", "MODEL.WEIGHTS", "w.pth")
+    cfg = tiny_cfg("DETECTOR.BACKBONE_FROM_CLASSIFIER", "True")  # no classifier trained in this run
+    with pytest.raises(FileNotFoundError, match=r"classifier export .*export.pkl does not exist: train the classifier first"):
+        module_train.train_detector(cfg, *get_train_val_dicts(cfg))
+    assert not module_config.get_stage_dir(cfg, module_config.get_stage(cfg, 1)).exists()  # before any work
+    # the demo pairs ResNet-18 with ResNet-18; tiny's classifier is ResNet-34 against a ResNet-18 detector
+    mismatched = _classifier_run(tiny_cfg, tiny_trained, "PATHS.RUN_NAME", "mismatch")
+    with pytest.raises(ValueError, match=r"classifier's res2.2.conv1.weight .* does not fit the detector \(absent\): "
+                                         r"CLASSIFIER.ARCH resnet34 against MODEL.RESNETS.DEPTH 18"):
+        module_train.train_detector(mismatched, *get_train_val_dicts(mismatched))
 
 
 # ---------------------------------------------------------------- command line
