@@ -479,10 +479,12 @@ def _with_epochs(cfg, epochs: int):
     return planned
 
 
-def measure_batch_seconds(learn: Learner, precision: str, warmup: int = 2, steps: int = 3) -> tuple[float, float]:
+def measure_batch_seconds(learn: Learner, precision: str, warmup: int = 2, steps: int = 5) -> tuple[float, float]:
     """(seconds per training batch, seconds per validation batch) of ``learn``'s data and model at
     ``precision``, measured on a throwaway copy of the model after ``warmup`` batches: data loading
-    and augmentation, forward, loss, backward and an optimizer step; forward only for validation."""
+    and augmentation, forward, loss, backward and an optimizer step; forward only for validation.
+    Each is the median over ``steps`` batches, so that a moment of other work on the machine does
+    not shorten the plan (the budget's deadline guards against a slowdown that lasts)."""
     model = copy.deepcopy(learn.model)
     device = next(model.parameters()).device
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-6)
@@ -490,15 +492,14 @@ def measure_batch_seconds(learn: Learner, precision: str, warmup: int = 2, steps
 
     def timed(loader, train: bool, count: int) -> float:
         model.train(train)
-        batches, started, seen = iter(loader), None, 0
+        batches, seconds = iter(loader), []
         for k in range(count + warmup):
+            started = time.perf_counter()
             try:
                 xb, yb = next(batches)
             except StopIteration:
                 batches = iter(loader)
                 xb, yb = next(batches)
-            if k == warmup:
-                started = time.perf_counter()
             xb = xb.as_subclass(torch.Tensor).to(device)
             with torch.set_grad_enabled(train), autocast_context(resolved, device):
                 loss = learn.loss_func(model(xb).float(), yb.as_subclass(torch.Tensor).to(device))
@@ -506,8 +507,9 @@ def measure_batch_seconds(learn: Learner, precision: str, warmup: int = 2, steps
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
-            seen += k >= warmup
-        return (time.perf_counter() - started) / max(seen, 1)
+            if k >= warmup:
+                seconds.append(time.perf_counter() - started)
+        return float(np.median(seconds))
 
     return timed(learn.dls.train, True, steps), timed(learn.dls.valid, False, steps)
 

@@ -759,9 +759,10 @@ def plan_stages(stages: Sequence[Stage], s_per_iter: Sequence[float], s_per_eval
 
 
 def measure_stage_speed(cfg: CfgNode, stage: Stage, train_dicts: Sequence[dict], eval_dicts: Sequence[dict],
-                        warmup: int = 1, steps: int = 3) -> tuple[float, float]:
+                        warmup: int = 1, steps: int = 5) -> tuple[float, float]:
     """(seconds per training iteration, seconds per validation image) of ``stage``, measured on a
-    throwaway model after ``warmup`` iterations: data loading, forward, backward, optimizer step;
+    throwaway model after ``warmup`` iterations: data loading, forward, backward, optimizer step
+    (the median over ``steps`` iterations: a moment of other work does not shorten the plan);
     then one batch of validation inference after one warm-up batch."""
     model_cfg = get_model_cfg(cfg, stage)
     model = build_model(model_cfg)
@@ -772,15 +773,17 @@ def measure_stage_speed(cfg: CfgNode, stage: Stage, train_dicts: Sequence[dict],
         aspect_ratio_grouping=False, num_workers=cfg.DATALOADER.NUM_WORKERS)
     batches = iter(loader)
     model.train()
+    seconds = []
     with EventStorage(0):  # the model logs training statistics into one
         for k in range(warmup + steps):
-            if k == warmup:
-                started = time.perf_counter()
+            started = time.perf_counter()
             losses = sum(model(next(batches)).values())
             optimizer.zero_grad()
             losses.backward()
             optimizer.step()
-    s_per_iter = (time.perf_counter() - started) / steps
+            if k >= warmup:
+                seconds.append(time.perf_counter() - started)
+    s_per_iter = float(np.median(seconds))
     batch = max(1, min(cfg.DETECTOR.EVAL_BATCH_SIZE, len(eval_dicts)))
     images = [read_image(d["file_name"]) for d in list(eval_dicts)[:batch]] or [
         np.zeros((stage.size, stage.size, 3), np.uint8)]
