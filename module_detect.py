@@ -86,6 +86,10 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")  # decoded whole by module_files.read
 RASTER_SUFFIXES = (".tif", ".tiff")  # read in windows through rasterio
 SCENE_SUFFIXES = IMAGE_SUFFIXES + RASTER_SUFFIXES  # what a folder given to --images contributes
 PART_VERSION = 1  # layout of a shard file
+# Where a run's time goes (the report's "step_seconds", summed over processes): waiting for slices
+# to be read (the reading itself overlaps the models), the gate, the detector, its masks turned
+# into scene detections; and, in `finish`, merging, measuring and writing the outputs.
+STEPS = ("read_wait", "gate", "detector", "slice_masks")
 SHIP_CATEGORY_ID = 1  # category_id of every COCO result
 PIXEL_COORDINATES_NOTE = ("pixel coordinates: x = column, y = row, in pixels from the top-left corner of the "
                           "scene (y points down; the centre of the top-left pixel is (0.5, 0.5)); the scene has "
@@ -128,6 +132,7 @@ class DetectSettings:
     geojson_crs: str = "native"  # DETECT.GEOJSON_CRS
     quicklook_size: int = 2048  # DETECT.QUICKLOOK_SIZE
     gdal_cache_mb: int = 64  # DETECT.GDAL_CACHE_MB
+    gate_tta: bool = False  # DETECT.GATE_TTA (flip TTA in the gate)
 
     def to_json(self) -> dict:
         out = dataclasses.asdict(self)
@@ -171,7 +176,8 @@ def get_detect_settings(cfg, thresholds: Thresholds, tile: int | None = None, ov
         stretch_sample_size=int(cfg.DETECT.STRETCH_SAMPLE_SIZE), min_valid_fraction=float(cfg.DETECT.MIN_VALID_FRACTION),
         chunk_tiles=int(cfg.DETECT.CHUNK_TILES), batch_size=int(cfg.SUBMIT.BATCH_SIZE),
         formats=parse_formats(cfg.DETECT.FORMATS if formats is None else formats), geojson_crs=crs,
-        quicklook_size=int(cfg.DETECT.QUICKLOOK_SIZE), gdal_cache_mb=int(cfg.DETECT.GDAL_CACHE_MB))
+        quicklook_size=int(cfg.DETECT.QUICKLOOK_SIZE), gdal_cache_mb=int(cfg.DETECT.GDAL_CACHE_MB),
+        gate_tta=bool(cfg.DETECT.GATE_TTA))
 
 
 # ============================================================================ scenes
@@ -962,37 +968,48 @@ def detect_tiles(scene, tiles: Sequence[Tile], settings: DetectSettings, detect_
     (the next chunk is read in a thread meanwhile), gated, then detected in batches of
     ``batch_size``; nothing else of the scene is read.
 
-    Returns ``{"tiles": {index: {"status", "p_ship"}}, "detections": [Detection, ...]}``; status
-    ``"nodata"`` (at most ``min_valid_fraction`` valid pixels: not given to the models), ``"gated"``
-    (p_ship below the classifier threshold) or ``"detected"``.
+    Returns ``{"tiles": {index: {"status", "p_ship"}}, "detections": [Detection, ...],
+    "step_seconds": {...}}``; status ``"nodata"`` (at most ``min_valid_fraction`` valid pixels: not
+    given to the models), ``"gated"`` (p_ship below the classifier threshold) or ``"detected"``.
+    ``step_seconds`` (:data:`STEPS`): where the time went, wall clock in this thread.
     """
     from concurrent.futures import ThreadPoolExecutor
 
     status: dict[int, dict] = {}
     detections: list[Detection] = []
+    seconds = dict.fromkeys(STEPS, 0.0)
+    clock = time.perf_counter
     chunks = list(_chunks(list(tiles), settings.chunk_tiles))
     with ThreadPoolExecutor(1, thread_name_prefix="read-slices") as reader:
         pending = reader.submit(_read_chunk, scene, chunks[0], settings) if chunks else None
         for number, chunk in enumerate(chunks):
+            started = clock()
             images, valids, kept, empty = pending.result()
+            seconds["read_wait"] += clock() - started
             if number + 1 < len(chunks):  # GDAL and the decoders release the GIL: reading overlaps the models
                 pending = reader.submit(_read_chunk, scene, chunks[number + 1], settings)
             for tile in empty:
                 status[tile.index] = {"status": "nodata", "p_ship": None}
+            started = clock()
             p_ship = p_ship_fn(images) if (p_ship_fn is not None and images) else np.full(len(images), np.nan)
+            seconds["gate"] += clock() - started
             go = [k for k in range(len(kept)) if p_ship_fn is None or p_ship[k] >= settings.thresholds.classifier]
             for k, tile in enumerate(kept):
                 status[tile.index] = {"status": "gated", "p_ship": None if np.isnan(p_ship[k]) else float(p_ship[k])}
             for k in go:
                 status[kept[k].index]["status"] = "detected"
             for batch in _chunks(go, settings.batch_size):
+                started = clock()
                 predictions = detect_fn([images[k] for k in batch])
+                seconds["detector"] += clock() - started
+                started = clock()
                 for k, prediction in zip(batch, predictions):
                     detections += tile_detections(prediction, kept[k], valids[k], settings.thresholds)
+                seconds["slice_masks"] += clock() - started
             if bar is not None:
                 bar.update(len(chunk))
                 bar.set_postfix(detected=sum(s["status"] == "detected" for s in status.values()), refresh=False)
-    return {"tiles": status, "detections": detections}
+    return {"tiles": status, "detections": detections, "step_seconds": seconds}
 
 
 def select_work(scenes: Sequence[SceneInfo], settings: DetectSettings, shard: tuple[int, int] = (0, 1),
@@ -1024,6 +1041,7 @@ def detect_part(scene_paths: Sequence[Path], settings: DetectSettings, detect_fn
     tiles: dict[str, dict] = {info.name: {} for info in infos}
     detections: dict[str, list] = {info.name: [] for info in infos}
     failed = set()
+    step_seconds = dict.fromkeys(STEPS, 0.0)
     with tqdm(total=len(work), desc="detect", unit="tiles", disable=not progress, dynamic_ncols=True) as bar:
         for number, info in enumerate(infos):
             scene_tiles = [tile for s, tile in work if s == number]
@@ -1043,12 +1061,14 @@ def detect_part(scene_paths: Sequence[Path], settings: DetectSettings, detect_fn
                 if scene is not None:
                     scene.close()
             tiles[info.name] = {str(k): v for k, v in result["tiles"].items()}
+            for step, value in result["step_seconds"].items():
+                step_seconds[step] += value
             detections[info.name] = [d.to_json() for d in result["detections"]]
     return {"version": PART_VERSION, "share": [*shard, *rank], "settings": settings.to_json(),
             "scenes": [dataclasses.asdict(info) for info in infos if info.name not in failed],
             "failures": failures, "tiles": {k: v for k, v in tiles.items() if k not in failed},
             "detections": {k: v for k, v in detections.items() if k not in failed},
-            "seconds": time.perf_counter() - started}
+            "seconds": time.perf_counter() - started, "step_seconds": step_seconds}
 
 
 # ============================================================================ merging parts, writing outputs
@@ -1094,7 +1114,8 @@ def combine_parts(parts: Sequence[dict]) -> dict:
                              f"(shares {shares}); is a shard missing?")
     return {"version": PART_VERSION, "share": [0, 1, 0, 1], "settings": settings, "scenes": list(scenes.values()),
             "failures": list(failures.values()), "tiles": tiles, "detections": detections,
-            "seconds": max(p["seconds"] for p in parts)}
+            "seconds": max(p["seconds"] for p in parts),
+            "step_seconds": {step: sum(p.get("step_seconds", {}).get(step, 0.0) for p in parts) for step in STEPS}}
 
 
 @dataclasses.dataclass
@@ -1165,12 +1186,14 @@ def finish(part: dict, out_dir: str | os.PathLike | None, seconds: float | None 
     totals = {key: sum(r.counts[key] for r in results) for key in
               ("tiles_total", "tiles_nodata", "tiles_gated_out", "tiles_detected", "ships")}
     total_seconds = part["seconds"] if seconds is None else seconds
+    step_seconds = {**dict.fromkeys(STEPS, 0.0), **part.get("step_seconds", {}),
+                    "merge_and_write": sum(r.counts["merge_seconds"] for r in results)}
     report = _clean({
         "scenes": [{"name": r.info.name, "path": r.info.path, "height": r.info.height, "width": r.info.width,
                     "georeferenced": r.info.georeferenced, "crs": r.info.crs, "stretch": r.info.stretch,
                     **r.counts, "warnings": r.info.warnings, "outputs": r.outputs} for r in results],
         "failed": part["failures"], "totals": {**totals, "scenes": len(results), "failed": len(part["failures"]),
-                                               "seconds": total_seconds,
+                                               "seconds": total_seconds, "step_seconds": step_seconds,
                                                "tiles_per_second": totals["tiles_total"] / max(total_seconds, 1e-9)},
         "settings": part["settings"], **(extra or {})})
     report_path = None
@@ -1182,6 +1205,8 @@ def finish(part: dict, out_dir: str | os.PathLike | None, seconds: float | None 
     logger.info("%d scene(s): %d tiles, %d without data, %d gated out, %d detected; %d ships; %d failed; %.1f s",
                 len(results), totals["tiles_total"], totals["tiles_nodata"], totals["tiles_gated_out"],
                 totals["tiles_detected"], totals["ships"], len(part["failures"]), total_seconds)
+    logger.info("time by step (s, summed over processes): %s",
+                ", ".join(f"{step} {value:.1f}" for step, value in step_seconds.items()))
     return DetectResult(results, part["failures"], report, report_path)
 
 

@@ -470,8 +470,8 @@ PShipArrayFn = Callable[[Sequence[np.ndarray]], np.ndarray]
 
 def build_p_ship_array_fn(cfg, classifier_path: str | Path | None = None) -> PShipArrayFn:
     """A :data:`PShipArrayFn` over the run's exported classifier: :func:`build_p_ship_fn` for tiles
-    held in memory (scene slices, ``module_detect``), with the same ``CLASSIFIER.BATCH_SIZE``,
-    ``.TTA`` and ``.PRECISION`` (``module_classifier.predict_p_ship_arrays``)."""
+    held in memory (scene slices, ``module_detect``), with the same ``CLASSIFIER.BATCH_SIZE`` and
+    ``.PRECISION``, and flip TTA as ``DETECT.GATE_TTA`` says (``module_classifier.predict_p_ship_arrays``)."""
     import module_classifier  # here: only gated prediction needs it
 
     path = Path(classifier_path) if classifier_path else module_config.get_classifier_path(cfg)
@@ -482,7 +482,7 @@ def build_p_ship_array_fn(cfg, classifier_path: str | Path | None = None) -> PSh
 
     def p_ship_array_fn(images: Sequence[np.ndarray]) -> np.ndarray:
         return module_classifier.predict_p_ship_arrays(learner, list(images), batch_size=cfg.CLASSIFIER.BATCH_SIZE,
-                                                       tta=cfg.CLASSIFIER.TTA, precision=cfg.CLASSIFIER.PRECISION
+                                                       tta=cfg.DETECT.GATE_TTA, precision=cfg.CLASSIFIER.PRECISION
                                                        ).astype(np.float64)
 
     return p_ship_array_fn

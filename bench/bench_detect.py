@@ -132,7 +132,7 @@ def run_ours(cfg, scene: dict, gated: bool, out: Path, overlap: int) -> dict:
     seconds = time.perf_counter() - started
     ships = [s.to_json() for s in result.scenes[0].ships]
     return {"seconds": seconds, "base_mb": base, "peak_mb": rss_mb(), "counts": result.scenes[0].counts,
-            "ships": ships, "thresholds": thresholds.as_config()}
+            "ships": ships, "thresholds": thresholds.as_config(), "step_seconds": result.report["totals"]["step_seconds"]}
 
 
 def run_sahi(cfg, scene: dict, overlap: int) -> dict:
@@ -272,6 +272,8 @@ def main(args) -> int:
               f"detector on {r['counts'].get('tiles_detected')} of {r['counts']['tiles_total']} slices  "
               f"ships {len(r['ships'])}  peak RSS {r['peak_mb']:.0f} MB (+{r['peak_mb'] - r['base_mb']:.0f} MB "
               f"over {r['base_mb']:.0f} MB with the models loaded)")
+        if "step_seconds" in r:
+            print("         time by step: " + ", ".join(f"{k} {v:.1f} s" for k, v in r["step_seconds"].items()))
     if "gated" in results and "ungated" in results:
         gated, ungated = results["gated"], results["ungated"]
         print(f"gated vs ungated (baseline): {ungated['seconds'] / gated['seconds']:.2f}x faster (goal >= 3x)")

@@ -394,6 +394,9 @@ def test_a_duplicate_inside_the_band_is_removed_and_sea_tiles_are_gated(fake_cfg
     report = json.loads(result.report_path.read_text())
     assert report["totals"]["tiles_total"] == report["totals"]["tiles_gated_out"] == 2
     assert report["totals"]["tiles_detected"] == report["totals"]["ships"] == 0
+    # where the time went: the gate ran, the detector never did
+    steps = report["totals"]["step_seconds"]
+    assert set(steps) == {*md.STEPS, "merge_and_write"} and steps["gate"] > 0 and steps["detector"] == 0
 
 
 def test_array_gate_matches_the_file_gate_and_gates_slices(tiny_trained, tiny_run_cfg, biased_detector, tmp_path):
@@ -411,14 +414,17 @@ def test_array_gate_matches_the_file_gate_and_gates_slices(tiny_trained, tiny_ru
     np.testing.assert_allclose(from_arrays, from_files["p_ship"].to_numpy(), atol=1e-6)
     assert from_arrays.dtype == np.float32 and len(from_arrays) == len(paths)
 
-    cfg = tiny_run_cfg("CLASSIFIER.PRECISION", "fp32", "CLASSIFIER.TTA", "False")
-    gate = module_inference.build_p_ship_array_fn(cfg)
+    cfg = tiny_run_cfg("CLASSIFIER.PRECISION", "fp32")
+    gate = module_inference.build_p_ship_array_fn(cfg)  # DETECT.GATE_TTA False: one pass, as from_arrays
+    np.testing.assert_allclose(gate(arrays), from_arrays, atol=1e-6)
+    with_tta = module_inference.build_p_ship_array_fn(tiny_run_cfg("CLASSIFIER.PRECISION", "fp32", "DETECT.GATE_TTA", "True"))
+    np.testing.assert_allclose(with_tta(arrays), module_classifier.predict_p_ship_arrays(
+        learner, arrays, batch_size=4, tta=True, precision="fp32"), atol=1e-6)
     mosaic = np.concatenate(arrays[:4], axis=1)  # 64 x 256: four slices of 64 px
     Image.fromarray(mosaic).save(tmp_path / "strip.png")
     expected_p = gate(arrays[:4])
     threshold = float(np.sort(expected_p)[1]) if len(set(expected_p)) > 1 else 0.5
-    cfg = tiny_run_cfg("CLASSIFIER.PRECISION", "fp32", "CLASSIFIER.TTA", "False",
-                       "SUBMIT.CLASSIFIER_THRESHOLD", str(threshold))
+    cfg = tiny_run_cfg("CLASSIFIER.PRECISION", "fp32", "SUBMIT.CLASSIFIER_THRESHOLD", str(threshold))
     calls = []
     result = md.detect(cfg, [tmp_path / "strip.png"], out=tmp_path / "out", tile=64, overlap=0,
                        detect_fn=fake_detect_fn(lambda image: image.mean(axis=2) > 250, calls), progress=False)
@@ -645,6 +651,8 @@ def test_torchrun_two_processes_give_the_same_geojson_as_one(real_tiles, tiny_tr
     two = json.loads((tmp_path / "two" / "report.json").read_text())
     assert one["world_size"] == 1 and two["world_size"] == 2
     assert one["totals"]["tiles_detected"] == two["totals"]["tiles_detected"] > 0
+    for report in (one, two):  # the processes' step times are summed
+        assert report["totals"]["step_seconds"]["detector"] > 0 and report["totals"]["step_seconds"]["gate"] > 0
     assert json.loads((tmp_path / "one" / "mosaic.geojson").read_text())["features"], "the test needs ships"
 
 
