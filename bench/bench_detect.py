@@ -20,6 +20,9 @@ score, at mask IoU >= 0.9).
 
     .venv/bin/python bench/bench_detect.py --config configs/demo.yaml [--run runs/demo] [--grid 16] [KEY VALUE ...]
 
+``SUBMIT.*`` overrides win over the run's tuned thresholds in the gated run (e.g.
+``SUBMIT.CLASSIFIER_THRESHOLD 0.5``: the gate's speed against the ships it keeps).
+
 SAHI is only needed here, not by the pipeline; it is not in requirements.txt because it requires
 ``opencv-python``, which would overwrite the pinned ``opencv-python-headless``. Install it without
 its dependencies (it runs with the headless OpenCV): ``.venv/bin/pip install --no-deps sahi==0.12.8``.
@@ -114,11 +117,12 @@ def rss_mb() -> float:
     return peak_rss_mb()
 
 
-def run_ours(cfg, scene: dict, gated: bool, out: Path, overlap: int) -> dict:
-    thresholds = module_inference.get_thresholds(cfg)[0]
+def run_ours(cfg, scene: dict, gated: bool, out: Path, overlap: int, opts=()) -> dict:
+    # SUBMIT.* keys given on the command line (e.g. another gate threshold) win over the tuned ones
+    overrides = list(opts) if gated else ["SUBMIT.CLASSIFIER_THRESHOLD", "0"]
+    thresholds = module_inference.get_thresholds(cfg, overridden=overrides)[0]
     detect_fn = module_inference.build_detect_fn(cfg)
     p_ship_fn = module_inference.build_p_ship_array_fn(cfg) if gated and thresholds.classifier > 0 else None
-    overrides = [] if gated else ["SUBMIT.CLASSIFIER_THRESHOLD", "0"]  # wins over the run's tuned gate
     run_cfg = cfg
     if not gated:
         run_cfg = cfg.clone()
@@ -227,7 +231,7 @@ def main(args) -> int:
         if args.method == "sahi":
             result = run_sahi(cfg, scene, args.overlap)
         else:
-            result = run_ours(cfg, scene, args.method == "gated", out / args.method, args.overlap)
+            result = run_ours(cfg, scene, args.method == "gated", out / args.method, args.overlap, args.opts or ())
         (out / f"{args.method}.json").write_text(json.dumps(result))
         return 0
     import torch
