@@ -962,6 +962,16 @@ def _read_chunk(scene, chunk: Sequence[Tile], settings: DetectSettings) -> tuple
     return images, valids, kept, empty
 
 
+@contextlib.contextmanager
+def _timed(seconds: dict, step: str) -> Iterator[None]:
+    """Add the wall-clock time of the ``with`` block to ``seconds[step]``."""
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[step] += time.perf_counter() - started
+
+
 def detect_tiles(scene, tiles: Sequence[Tile], settings: DetectSettings, detect_fn: DetectFn,
                  p_ship_fn: PShipArrayFn | None = None, bar=None) -> dict:
     """Run the models on ``tiles`` of an open ``scene``, chunk by chunk: ``chunk_tiles`` slices read
@@ -978,37 +988,34 @@ def detect_tiles(scene, tiles: Sequence[Tile], settings: DetectSettings, detect_
     status: dict[int, dict] = {}
     detections: list[Detection] = []
     seconds = dict.fromkeys(STEPS, 0.0)
-    clock = time.perf_counter
+    n_detected = 0
     chunks = list(_chunks(list(tiles), settings.chunk_tiles))
     with ThreadPoolExecutor(1, thread_name_prefix="read-slices") as reader:
         pending = reader.submit(_read_chunk, scene, chunks[0], settings) if chunks else None
         for number, chunk in enumerate(chunks):
-            started = clock()
-            images, valids, kept, empty = pending.result()
-            seconds["read_wait"] += clock() - started
+            with _timed(seconds, "read_wait"):
+                images, valids, kept, empty = pending.result()
             if number + 1 < len(chunks):  # GDAL and the decoders release the GIL: reading overlaps the models
                 pending = reader.submit(_read_chunk, scene, chunks[number + 1], settings)
             for tile in empty:
                 status[tile.index] = {"status": "nodata", "p_ship": None}
-            started = clock()
-            p_ship = p_ship_fn(images) if (p_ship_fn is not None and images) else np.full(len(images), np.nan)
-            seconds["gate"] += clock() - started
+            with _timed(seconds, "gate"):
+                p_ship = p_ship_fn(images) if (p_ship_fn is not None and images) else np.full(len(images), np.nan)
             go = [k for k in range(len(kept)) if p_ship_fn is None or p_ship[k] >= settings.thresholds.classifier]
             for k, tile in enumerate(kept):
                 status[tile.index] = {"status": "gated", "p_ship": None if np.isnan(p_ship[k]) else float(p_ship[k])}
             for k in go:
                 status[kept[k].index]["status"] = "detected"
+            n_detected += len(go)
             for batch in _chunks(go, settings.batch_size):
-                started = clock()
-                predictions = detect_fn([images[k] for k in batch])
-                seconds["detector"] += clock() - started
-                started = clock()
-                for k, prediction in zip(batch, predictions):
-                    detections += tile_detections(prediction, kept[k], valids[k], settings.thresholds)
-                seconds["slice_masks"] += clock() - started
+                with _timed(seconds, "detector"):
+                    predictions = detect_fn([images[k] for k in batch])
+                with _timed(seconds, "slice_masks"):
+                    for k, prediction in zip(batch, predictions):
+                        detections += tile_detections(prediction, kept[k], valids[k], settings.thresholds)
             if bar is not None:
                 bar.update(len(chunk))
-                bar.set_postfix(detected=sum(s["status"] == "detected" for s in status.values()), refresh=False)
+                bar.set_postfix(detected=n_detected, refresh=False)
     return {"tiles": status, "detections": detections, "step_seconds": seconds}
 
 
