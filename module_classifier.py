@@ -80,7 +80,7 @@ from sklearn import metrics as skm
 from tqdm.auto import tqdm
 
 from module_config import BALANCE_MODES, PRECISIONS, get_classifier_dir, get_classifier_path, save_cfg
-from module_progress import ProgressReporter
+from module_progress import ProgressReporter, median_step_seconds
 from module_files import (atomic_path, check_failure_limit, check_images, list_images, read_image, set_aside,
                           write_failure_report)
 
@@ -492,9 +492,10 @@ def measure_batch_seconds(learn: Learner, precision: str, warmup: int = 2, steps
 
     def timed(loader, train: bool, count: int) -> float:
         model.train(train)
-        batches, seconds = iter(loader), []
-        for k in range(count + warmup):
-            started = time.perf_counter()
+        batches = iter(loader)
+
+        def step() -> None:
+            nonlocal batches
             try:
                 xb, yb = next(batches)
             except StopIteration:
@@ -507,9 +508,8 @@ def measure_batch_seconds(learn: Learner, precision: str, warmup: int = 2, steps
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
-            if k >= warmup:
-                seconds.append(time.perf_counter() - started)
-        return float(np.median(seconds))
+
+        return median_step_seconds(step, count, warmup)
 
     return timed(learn.dls.train, True, steps), timed(learn.dls.valid, False, steps)
 

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import time
 from pathlib import Path
+from typing import Callable
 
 from module_files import atomic_path
 
@@ -109,6 +111,19 @@ def format_duration(seconds: float | None) -> str:
     if seconds >= 60:
         return f"{seconds // 60}m{seconds % 60:02d}s"
     return f"{seconds}s"
+
+
+def median_step_seconds(step: Callable[[], object], count: int, warmup: int = 0,
+                        clock: Callable[[], float] = time.perf_counter) -> float:
+    """Call ``step`` ``warmup + count`` times; the median seconds of the last ``count`` calls (the
+    time-budget probes: a moment of other work on the machine moves a mean, not the median)."""
+    seconds = []
+    for k in range(warmup + count):
+        started = clock()
+        step()
+        if k >= warmup:
+            seconds.append(clock() - started)
+    return float(statistics.median(seconds))
 
 
 def plural(unit: str) -> str:

@@ -81,7 +81,7 @@ from module_inference import (get_eval_augmentations, predict_instances, resolve
                               unwrap_model)
 from module_metric import f2_masks
 from module_plots import draw_outlines
-from module_progress import ProgressReporter
+from module_progress import ProgressReporter, median_step_seconds
 from module_rle import coco_to_masks
 
 logger = logging.getLogger(__name__)
@@ -773,17 +773,15 @@ def measure_stage_speed(cfg: CfgNode, stage: Stage, train_dicts: Sequence[dict],
         aspect_ratio_grouping=False, num_workers=cfg.DATALOADER.NUM_WORKERS)
     batches = iter(loader)
     model.train()
-    seconds = []
+
+    def step() -> None:
+        losses = sum(model(next(batches)).values())
+        optimizer.zero_grad()
+        losses.backward()
+        optimizer.step()
+
     with EventStorage(0):  # the model logs training statistics into one
-        for k in range(warmup + steps):
-            started = time.perf_counter()
-            losses = sum(model(next(batches)).values())
-            optimizer.zero_grad()
-            losses.backward()
-            optimizer.step()
-            if k >= warmup:
-                seconds.append(time.perf_counter() - started)
-    s_per_iter = float(np.median(seconds))
+        s_per_iter = median_step_seconds(step, steps, warmup)
     batch = max(1, min(cfg.DETECTOR.EVAL_BATCH_SIZE, len(eval_dicts)))
     images = [read_image(d["file_name"]) for d in list(eval_dicts)[:batch]] or [
         np.zeros((stage.size, stage.size, 3), np.uint8)]

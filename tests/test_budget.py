@@ -169,3 +169,12 @@ def test_peak_rss_counts_this_program_not_the_process_it_was_forked_from():
     assert done.returncode == 0, done.stderr
     own, maxrss = map(float, done.stdout.split())
     assert ballast.sum() > 0 and own < 300, (own, maxrss)
+
+
+def test_the_probes_take_the_median_step_so_a_moment_of_other_work_does_not_shorten_the_plan():
+    from module_progress import median_step_seconds
+
+    ticks = iter([0, 5, 6, 6, 7, 7, 17, 17, 18, 18, 19])  # the warm-up's start (not timed), then 1, 1, 10, 1, 1 s
+    calls = []
+    seconds = median_step_seconds(lambda: calls.append(1), count=5, warmup=1, clock=lambda: next(ticks))
+    assert seconds == 1.0 and len(calls) == 6  # the mean of the five would be 2.8
