@@ -18,8 +18,9 @@ Training (:func:`train_detector`) runs the stages of ``DETECTOR.STAGES`` in orde
   ``SUBMIT.SCORE_THRESHOLD``/``SUBMIT.MIN_AREA``) and COCO AP (pycocotools). Every result is
   appended to ``runs/<run>/detector/val_metrics.jsonl``; the best weights over all stages by
   ``DETECTOR.BEST_METRIC`` (default: F2 on the validation images with ships, where the gated
-  detector runs) go to ``runs/<run>/detector/model_best.pth`` (with ``model_best.json``: the
-  metric, its value, F2, stage, input size).
+  detector runs; ties go by mask AP, then to the newer weights) go to
+  ``runs/<run>/detector/model_best.pth`` (with ``model_best.json``: the metric, its value, F2,
+  mask AP, stage, input size).
 
 Augmentations (training only, in `ShipDatasetMapper`): resize to the stage size, horizontal
 flip, vertical flip, rotation uniform in +-``DETECTOR.ROTATION_DEG`` degrees (boxes recomputed
@@ -350,13 +351,32 @@ def _json_safe(value):
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
+def _best_key(value, segm_ap) -> tuple[float, float]:
+    finite = lambda v: float(v) if v is not None and math.isfinite(float(v)) else -1.0  # noqa: E731
+    return finite(value), finite(segm_ap)
+
+
+def is_new_best(metrics: dict, metric: str, best: dict) -> bool:
+    """Whether a validation's ``metrics`` replace ``best`` (``model_best.json``'s content, ``{}``: none yet).
+
+    Compared on ``metric``, then on mask AP (``segm_AP``); an exact tie goes to the newer
+    checkpoint, which has trained longer. An undertrained detector scores no mask above the
+    validation's score threshold at every check (F2 on ship images 0 throughout, as on a slow
+    CPU within a short budget): without the tie rules its first checkpoint would be kept and
+    every later one, however much better its masks, thrown away.
+    """
+    if not best:
+        return True
+    return _best_key(metrics[metric], metrics.get("segm_AP")) >= _best_key(best.get("value"), best.get("segm_AP"))
+
+
 class ValidationHook(HookBase):
     """Every ``DETECTOR.EVAL_PERIOD`` iterations and at the end of a stage: F2 and COCO AP.
 
     Runs on rank 0 (the others wait): writes ``val/*`` scalars and overlays to the event
     storage (TensorBoard, metrics.json), appends a line to ``val_metrics.jsonl`` and saves
-    ``model_best.pth`` (+ ``model_best.json``) when ``DETECTOR.BEST_METRIC`` beats the best so far
-    in this run.
+    ``model_best.pth`` (+ ``model_best.json``) when ``DETECTOR.BEST_METRIC`` beats or ties the best
+    so far in this run (:func:`is_new_best`).
     """
 
     def __init__(self, cfg: CfgNode, stage: Stage, val_dicts: Sequence[dict]):
@@ -408,15 +428,17 @@ class ValidationHook(HookBase):
         if not math.isfinite(metrics[metric]):  # e.g. f2_ships on a validation set without ships
             metric = "f2"
         best = json.loads(self.best_info_path.read_text()) if self.best_info_path.exists() else {}
-        best.setdefault("value", -1.0)
-        if metrics[metric] > best["value"]:
+        if is_new_best(metrics, metric, best):
             info = {"metric": metric, "value": metrics[metric], "f2": metrics["f2"], "f2_ships": _json_safe(metrics["f2_ships"]),
+                    "segm_AP": _json_safe(metrics.get("segm_AP")),
                     "stage": self.stage.index, "input_size": self.stage.size, "iteration": iteration}
             with atomic_path(self.best_path) as tmp:
                 torch.save({"model": model.state_dict(), **info}, tmp)
             with atomic_path(self.best_info_path) as tmp:
                 tmp.write_text(json.dumps(info, indent=1))
-            logger.info(f"new best {metric} {metrics[metric]:.4f} (was {best['value']:.4f}): saved {self.best_path}")
+            logger.info(f"new best {metric} {metrics[metric]:.4f}, segm AP {metrics.get('segm_AP', float('nan')):.2f} "
+                        f"(was {best.get('value', float('nan')):.4f}, {best.get('segm_AP') or float('nan'):.2f}): "
+                        f"saved {self.best_path}")
         return metrics
 
     def _put_overlays(self, storage, predictions: Sequence[dict]) -> None:
@@ -1191,14 +1213,45 @@ def planned_seconds_after(cfg: CfgNode, stage: Stage) -> float | None:
     return float(sum(expected[stage.index:n_stages]))
 
 
-def _stage_deadlines(record: dict | None, stages: Sequence[Stage]) -> dict[int, float]:
-    """Per stage, how long it may run from its start under the time budget (its planned share of
-    the budget, plus 20% and 5 s for the noise of a timed probe); empty without a budget."""
+# A stage may overrun its planned share of the budget by this fraction (plus STAGE_GRACE_S) where
+# earlier stages left time unused, and all the stages trained in one call together by TOTAL_GRACE
+# of the budget: a probe's s/iter is noisy (a later stage ran 40% slower than its probe on a
+# shared host), and the budget is a promise to the user's clock.
+STAGE_GRACE, STAGE_GRACE_S, TOTAL_GRACE = 0.2, 5.0, 0.03
+
+
+def _stage_shares(record: dict | None) -> dict[int, float]:
+    """Each stage's planned share of the budget, in seconds (by 1-based index); empty without a budget."""
     if record is None:
         return {}
     plan = record["plan"]
-    share = [x / max(sum(plan["expected_s"]), 1e-9) * plan["budget_s"] for x in plan["expected_s"]]
-    return {s.index: 1.2 * share[s.index - 1] + 5.0 for s in stages}
+    return {k + 1: x / max(sum(plan["expected_s"]), 1e-9) * plan["budget_s"] for k, x in enumerate(plan["expected_s"])}
+
+
+class BudgetClock:
+    """The deadlines of the stages trained in one call under a time budget.
+
+    A stage may run its planned share of the budget plus :data:`STAGE_GRACE` and
+    :data:`STAGE_GRACE_S`, but never past the end of the budget of the stages trained so far in
+    this call (their shares summed, plus :data:`TOTAL_GRACE`): a stage that overran leaves less
+    to the next, one that ended early leaves more, and the stages together keep to the budget.
+    A stage reused from an earlier call took no time: its share is not this call's.
+    """
+
+    def __init__(self, shares: dict[int, float]):
+        self.shares = shares
+        self.budget_end: float | None = None
+
+    def start(self, index: int, now: float) -> float | None:
+        """Stage ``index`` starts at ``now``: its deadline (epoch seconds; None: no budget)."""
+        if index not in self.shares:
+            return None
+        self.budget_end = (now if self.budget_end is None else self.budget_end) + (1 + TOTAL_GRACE) * self.shares[index]
+        return min(now + (1 + STAGE_GRACE) * self.shares[index] + STAGE_GRACE_S, self.budget_end)
+
+    def finished(self, index: int, outcome: str) -> None:
+        if outcome == "reused" and index in self.shares and self.budget_end is not None:
+            self.budget_end -= (1 + TOTAL_GRACE) * self.shares[index]
 
 
 def train_detector(cfg: CfgNode, train_dicts: Sequence[dict], val_dicts: Sequence[dict], stage: int | None = None,
@@ -1252,11 +1305,12 @@ def train_detector(cfg: CfgNode, train_dicts: Sequence[dict], val_dicts: Sequenc
         config_path = save_cfg(cfg, get_detector_dir(cfg)) if comm.is_main_process() else None
         stages = get_stages(cfg)
         selected = stages if selected_index is None else [get_stage(cfg, selected_index)]
-        limits = _stage_deadlines(record, stages)
+        clock = BudgetClock(_stage_shares(record))
         final = None
         for current in selected:
-            deadline = time.time() + limits[current.index] if current.index in limits else None
-            final, _ = train_stage(cfg, current, train_dicts, val_dicts, fresh=fresh, deadline=deadline)
+            deadline = clock.start(current.index, time.time())
+            final, outcome = train_stage(cfg, current, train_dicts, val_dicts, fresh=fresh, deadline=deadline)
+            clock.finished(current.index, outcome)
     return {"final": final, "best": get_detector_path(cfg, "best"), "config": config_path, "log": log_path,
             "plan": get_detector_path(cfg, "plan") if record else None}
 

@@ -51,6 +51,27 @@ def test_classifier_epochs_for_a_budget(budget, epoch, fixed, expected):
     assert module_classifier.epochs_for_budget(budget, epoch, fixed)[0] == expected
 
 
+def test_stage_deadlines_keep_the_stages_together_to_the_budget():
+    grace = 1 + module_train.TOTAL_GRACE
+    clock = module_train.BudgetClock({1: 100.0, 2: 100.0, 3: 100.0})
+    # stage 1 alone: its share plus 20% and 5 s, capped by the budget so far (its share plus 3%)
+    assert clock.start(1, now=0.0) == pytest.approx(100 * grace)
+    # it overran to 103 s: stage 2 gets the rest of the first 200 s (plus 3%), not 125 s of its own
+    assert clock.start(2, now=103.0) == pytest.approx(200 * grace)
+    # stage 2 ended early, at 150 s: stage 3 may use 20% more than its share, and no more
+    assert clock.start(3, now=150.0) == pytest.approx(150 + 1.2 * 100 + 5)
+    # however the stages went, the last one ends by the budget's end plus 3%
+    late = module_train.BudgetClock({1: 100.0, 2: 100.0})
+    late.start(1, 0.0)
+    assert late.start(2, now=250.0) == pytest.approx(200 * grace)  # already past: stops at its first iteration
+    # a stage reused from an earlier call takes none of this call's time
+    resumed = module_train.BudgetClock({1: 100.0, 2: 50.0})
+    resumed.start(1, now=0.0)
+    resumed.finished(1, "reused")
+    assert resumed.start(2, now=1.0) == pytest.approx(50 * grace)
+    assert module_train.BudgetClock({}).start(1, 0.0) is None  # no budget, no deadline
+
+
 # ---------------------------------------------------------------- a real tiny run
 def test_a_tiny_detector_run_with_a_budget_ends_with_the_planned_iterations(tiny_cfg, caplog, monkeypatch):
     cfg = tiny_cfg("DETECTOR.STAGES", "[[64, 4, 0.01, 1]]", "DETECTOR.TIME_BUDGET_MIN", "0.25",
@@ -59,9 +80,8 @@ def test_a_tiny_detector_run_with_a_budget_ends_with_the_planned_iterations(tiny
     # The stage's deadline stays on, with more slack than the 20% + 5 s it has: a CI machine whose
     # speed changes after the probe must not turn this test of the plan into one of the deadline
     # (test_the_deadline_ends_a_stage_cleanly_with_final_weights tests that).
-    deadlines = module_train._stage_deadlines
-    monkeypatch.setattr(module_train, "_stage_deadlines",
-                        lambda record, stages: {k: 10 * v for k, v in deadlines(record, stages).items()})
+    shares = module_train._stage_shares
+    monkeypatch.setattr(module_train, "_stage_shares", lambda record: {k: 10 * v for k, v in shares(record).items()})
     with caplog.at_level("INFO", logger="module_train"):
         paths = module_train.train_detector(cfg, train, val)
     record = json.loads(paths["plan"].read_text())

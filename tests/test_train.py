@@ -36,6 +36,26 @@ def test_random_init_model_has_trainable_batch_norm(tiny_cfg):
 
 
 # ---------------------------------------------------------------- training
+def test_best_weights_break_ties_by_mask_ap_then_by_newer_weights():
+    # An undertrained detector: F2 on ship images 0 at every check, its masks improving.
+    checks = [{"f2_ships": 0.0, "segm_AP": 0.0}, {"f2_ships": 0.0, "segm_AP": 0.8}, {"f2_ships": 0.0, "segm_AP": 6.1}]
+    best, kept = {}, []
+    for k, metrics in enumerate(checks):
+        if module_train.is_new_best(metrics, "f2_ships", best):
+            best = {"value": metrics["f2_ships"], "segm_AP": metrics["segm_AP"]}
+            kept.append(k)
+    assert kept == [0, 1, 2]  # before: the first check only, the worst masks
+    assert not module_train.is_new_best({"f2_ships": 0.0, "segm_AP": 5.0}, "f2_ships", best)  # worse masks
+    assert module_train.is_new_best({"f2_ships": 0.0, "segm_AP": 6.1}, "f2_ships", best)  # exact tie: the newer
+    # the metric comes first: a higher F2 wins over a higher AP, and the reverse does not
+    assert module_train.is_new_best({"f2_ships": 0.1, "segm_AP": 0.0}, "f2_ships", best)
+    assert not module_train.is_new_best({"f2_ships": 0.1, "segm_AP": 9.0}, "f2_ships", {"value": 0.2, "segm_AP": 1.0})
+    # no AP (NaN, or an older model_best.json without it) counts as lowest, not as an error
+    assert module_train.is_new_best({"f2_ships": 0.2, "segm_AP": float("nan")}, "f2_ships", {"value": 0.2})
+    assert not module_train.is_new_best({"f2_ships": 0.1, "segm_AP": float("nan")}, "f2_ships", {"value": 0.2})
+    assert module_train.is_new_best({"f2": 0.5}, "f2", {})
+
+
 def test_train_detector_runs_every_stage_at_its_size(tiny_cfg, tmp_path):
     cfg = tiny_cfg("DETECTOR.STAGES", TWO_STAGES, "DETECTOR.EVAL_MAX_IMAGES", "4")
     paths = module_train.train_detector(cfg, *get_train_val_dicts(cfg))
@@ -67,6 +87,10 @@ def test_train_detector_runs_every_stage_at_its_size(tiny_cfg, tmp_path):
     best = json.loads((detector_dir / "model_best.json").read_text())
     assert best["metric"] == "f2_ships" or (best["metric"] == "f2" and all(r["f2_ships"] is None for r in records))
     assert best["value"] == max(r[best["metric"]] for r in records if r[best["metric"]] is not None)
+    # the kept weights are the last check with the best (metric, mask AP): a tiny detector ties on F2
+    keys = [module_train._best_key(r[best["metric"]], r["segm_AP"]) for r in records]
+    last_best = max(k for k in range(len(records)) if keys[k] == max(keys))
+    assert (best["stage"], best["iteration"]) == (records[last_best]["stage"], records[last_best]["iteration"])
     best_checkpoint = torch.load(detector_dir / "model_best.pth")
     assert best_checkpoint["input_size"] == best["input_size"]
     assert (detector_dir / "config.yaml").is_file()
