@@ -811,7 +811,8 @@ def get_model_cfg(cfg: CN, stage: Stage | None = None) -> CN:
     empty) replaces FrozenBN by ``DETECTOR.RANDOM_INIT_NORM`` and trains every layer
     (``FREEZE_AT`` 0): FrozenBN keeps the random statistics frozen and diverges within a few
     iterations. This depends only on ``MODEL.WEIGHTS`` of ``cfg``, so training and inference
-    build the same architecture.
+    build the same architecture. Calling it registers the project's backbone
+    (``module_inference.build_basic_resnet_fpn_backbone``) for whichever module builds the model.
     """
     stage = stage or get_stages(cfg)[-1]
     out = cfg.clone()
@@ -829,4 +830,5 @@ def get_model_cfg(cfg: CN, stage: Stage | None = None) -> CN:
         out.MODEL.RESNETS.NORM = cfg.DETECTOR.RANDOM_INIT_NORM
         out.MODEL.BACKBONE.FREEZE_AT = 0
     out.freeze()
+    import module_inference  # noqa: F401  registers build_basic_resnet_fpn_backbone, whichever module builds the model
     return out

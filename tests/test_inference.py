@@ -15,6 +15,7 @@ from PIL import Image
 
 import module_config
 import module_inference
+import module_preprocessing
 import module_train
 from module_inference import Thresholds
 
@@ -112,6 +113,60 @@ def test_predict_instances_maps_masks_back_to_the_original_frame(tta, shape, min
     truth = image[:, :, 0] > 0
     iou = (prediction["masks"][0] & truth).sum() / (prediction["masks"][0] | truth).sum()
     assert iou >= min_iou  # exact at input size 64; 48x80 -> 64x64 -> 48x80 blurs the edges
+
+
+# ---------------------------------------------------------------- a backbone of any width
+def test_the_any_width_backbone_at_width_64_is_detectron2s_own(tiny_cfg):
+    from detectron2.layers import ShapeSpec
+    from detectron2.modeling.backbone.fpn import build_resnet_fpn_backbone
+
+    model_cfg = module_config.get_model_cfg(tiny_cfg("MODEL.RESNETS.DEPTH", "18", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64",
+                                                     "MODEL.RESNETS.STEM_OUT_CHANNELS", "64"))
+    torch.manual_seed(0)
+    theirs = build_resnet_fpn_backbone(model_cfg, ShapeSpec(channels=3)).eval()
+    ours = module_inference.build_basic_resnet_fpn_backbone(model_cfg, ShapeSpec(channels=3)).eval()
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
+    ours.load_state_dict(theirs.state_dict())
+    image = torch.rand(1, 3, 64, 64) * 255
+    with torch.no_grad():
+        expected, got = theirs(image), ours(image)
+    assert list(got) == list(expected)  # p2..p6
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], msg=name)
+
+
+def test_a_half_width_detector_trains_predicts_and_saves(tiny_cfg, tmp_path):
+    cfg = tiny_cfg("MODEL.BACKBONE.NAME", module_inference.BASIC_RESNET_FPN, "MODEL.RESNETS.DEPTH", "18",
+                   "MODEL.RESNETS.STEM_OUT_CHANNELS", "32", "MODEL.RESNETS.RES2_OUT_CHANNELS", "32")
+    model = build_model(module_config.get_model_cfg(cfg))
+    widths = {k: v.shape[0] for k, v in model.state_dict().items() if k.endswith("conv1.weight") or k.endswith("conv2.weight")}
+    assert widths["backbone.bottom_up.stem.conv1.weight"] == 32
+    assert widths["backbone.bottom_up.res2.0.conv2.weight"] == 32 and widths["backbone.bottom_up.res5.1.conv2.weight"] == 256
+    full = build_model(module_config.get_model_cfg(tiny_cfg("MODEL.RESNETS.DEPTH", "18", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64")))
+    count = lambda m: sum(p.numel() for n, p in m.named_parameters() if n.startswith("backbone.bottom_up"))  # noqa: E731
+    assert count(model) < 0.3 * count(full)  # half the width: about a quarter of the weights
+    # a training step on a real batch: finite losses, gradients down to the stem
+    from detectron2.utils.events import EventStorage
+
+    mapper = module_train.ShipDatasetMapper(cfg, 64, is_train=True)
+    train, _ = module_preprocessing.get_train_val_dicts(cfg)
+    model.train()
+    batch = [mapper(dict(d)) for d in train[:2]]
+    with EventStorage(0):
+        losses = model(batch)
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    assert model.backbone.bottom_up.stem.conv1.weight.grad.abs().sum() > 0
+    # saved and loaded through the run's own path, then predicting at the image size
+    module_train.AtomicCheckpointer(model, str(tmp_path), extra_state={"input_size": 64}).save("w")
+    loaded = module_inference.load_detector(cfg, tmp_path / "w.pth")
+    prediction = module_inference.predict_instances(loaded, [np.full((64, 64, 3), 90, np.uint8)], input_size=64)[0]
+    assert prediction["masks"].shape[1:] == (64, 64)
+    deep = cfg.clone()
+    deep.defrost()
+    deep.MODEL.RESNETS.DEPTH = 50
+    with pytest.raises(ValueError, match="DEPTH must be 18 or 34"):
+        build_model(module_config.get_model_cfg(deep))
 
 
 def test_load_detector_and_predict_with_the_real_model(tiny_cfg, tmp_path):
