@@ -437,7 +437,7 @@ class ValidationHook(HookBase):
             with atomic_path(self.best_info_path) as tmp:
                 tmp.write_text(json.dumps(info, indent=1))
             logger.info(f"new best {metric} {metrics[metric]:.4f}, segm AP {metrics.get('segm_AP', float('nan')):.2f} "
-                        f"(was {best.get('value', float('nan')):.4f}, {best.get('segm_AP') or float('nan'):.2f}): "
+                        f"(was {best.get('value', float('nan')):.4f}, {_best_key(0, best.get('segm_AP'))[1]:.2f}): "
                         f"saved {self.best_path}")
         return metrics
 

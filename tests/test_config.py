@@ -39,6 +39,13 @@ def test_the_demo_trains_to_time_budgets_and_the_real_config_keeps_its_models():
     assert demo.CLASSIFIER.ARCH == "resnet18" and demo.CLASSIFIER.TIME_BUDGET_MIN > 0 and demo.DETECTOR.TIME_BUDGET_MIN > 0
     assert demo.CLASSIFIER.TIME_BUDGET_MIN + demo.DETECTOR.TIME_BUDGET_MIN <= 16  # + data, tuning, prediction: <= 20 min
     assert tiny.CLASSIFIER.TIME_BUDGET_MIN == tiny.DETECTOR.TIME_BUDGET_MIN == 0  # the tests' runs stay tiny
+    # the demo's detector: ResNet-18 at half width, through the project's backbone builder
+    from detectron2.modeling import build_model
+
+    model = build_model(module_config.get_model_cfg(demo))
+    assert demo.MODEL.BACKBONE.NAME == "build_basic_resnet_fpn_backbone"
+    assert model.backbone.bottom_up.res2[0].conv1.weight.shape[0] == 32
+    assert model.backbone.bottom_up.res5[-1].conv2.weight.shape[0] == 256
 
 
 def test_real_config_has_three_stages_256_512_768():

@@ -635,8 +635,10 @@ def test_torchrun_two_processes_give_the_same_geojson_as_one(real_tiles, tiny_tr
     common = ["--config", str(tiny_config), "--images", *map(str, scenes), "--tile", "128", "--overlap", "32",
               "--run-dir", str(run_dir), "--weights", str(biased_detector), "--no-progress",
               "PATHS.INPUT_DIR", str(tiny_trained.input_dir), "DETECTOR.STAGES", "[[64, 3, 0.01, 0]]",
-              "SUBMIT.BATCH_SIZE", "1", "SUBMIT.SCORE_THRESHOLD", "0.1", "SUBMIT.CLASSIFIER_THRESHOLD", "0.01",
+              "SUBMIT.BATCH_SIZE", "1", "SUBMIT.SCORE_THRESHOLD", "0.05", "SUBMIT.CLASSIFIER_THRESHOLD", "0.01",
               "CLASSIFIER.PRECISION", "fp32", "CLASSIFIER.BATCH_SIZE", "1"]
+    # score threshold 0.05 (detectron2's own floor): the tiny run's best weights are its last check's
+    # (ties go to the newer weights), whose three iterations leave the ship scores low
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     script = str(repo_root / "module_detect.py")
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
