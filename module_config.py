@@ -117,6 +117,8 @@ def add_airbus_config(cfg: CN) -> CN:
     # ---------------------------------------------------------------- classifier
     cfg.CLASSIFIER = CN()
     cfg.CLASSIFIER.ARCH = "resnet34"  # torchvision architecture for fastai's vision_learner
+    # Channels of every layer times WIDTH (random init only: module_classifier.narrow_resnet).
+    cfg.CLASSIFIER.WIDTH = 1.0
     # Load ImageNet weights (needs the torch hub cache or network). False: random init.
     cfg.CLASSIFIER.PRETRAINED = True
     cfg.CLASSIFIER.IMAGE_SIZE = 256  # images are resized to this square side
@@ -156,6 +158,11 @@ def add_airbus_config(cfg: CN) -> CN:
     cfg.DETECTOR.STAGES = [[256, 20000, 0.02, 1000], [512, 20000, 0.01, 500], [768, 20000, 0.005, 500]]
     # Share of ship-free images mixed into training as hard negatives (0: ship images only).
     cfg.DETECTOR.EMPTY_FRACTION = 0.1
+    # Train on CROP_SIZE px square crops of the stage-sized image, each holding a ship of the tile
+    # (module_train.ShipCrop; 0: whole images). Cheaper steps where ships are small; prediction and
+    # validation still see whole images at the stage size. Best a multiple of 32 (the FPN pads its
+    # inputs to that).
+    cfg.DETECTOR.CROP_SIZE = 0
     cfg.DETECTOR.HFLIP_PROB = 0.5  # horizontal flip probability
     cfg.DETECTOR.VFLIP_PROB = 0.5  # vertical flip probability
     cfg.DETECTOR.ROTATION_DEG = 20.0  # rotation drawn uniformly from [-ROTATION_DEG, +ROTATION_DEG]
@@ -374,7 +381,9 @@ VALID: dict[str, tuple[Callable, str]] = {
     "CLASSIFIER.PRECISION": _one_of(PRECISIONS),
     "CLASSIFIER.INT8_CALIBRATION_IMAGES": POSITIVE_INT,
     "CLASSIFIER.TIME_BUDGET_MIN": _number(0),
+    "CLASSIFIER.WIDTH": _number(0.125, 4),
     "DETECTOR.EMPTY_FRACTION": FRACTION,
+    "DETECTOR.CROP_SIZE": COUNT,
     "DETECTOR.HFLIP_PROB": PROBABILITY,
     "DETECTOR.VFLIP_PROB": PROBABILITY,
     "DETECTOR.ROTATION_DEG": DEGREES,

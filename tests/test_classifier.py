@@ -567,6 +567,30 @@ def test_unknown_arch_names_the_valid_ones(tiles, tiny_cfg):
         mc.train_classifier(tiny_cfg("CLASSIFIER.ARCH", "vgg16"), train_dicts, val_dicts)
 
 
+def test_a_half_width_resnet_trains_exports_and_predicts(tiles, tiny_cfg):
+    """CLASSIFIER.WIDTH 0.5: torchvision's ResNet-18 with half the channels in every layer, through
+    fastai's training, export (the constructor is pickled with the learner) and prediction."""
+    root, train_dicts, val_dicts = tiles
+    cfg = tiny_cfg("CLASSIFIER.ARCH", "resnet18", "CLASSIFIER.WIDTH", "0.5", *LR)
+    export = mc.train_classifier(cfg, train_dicts, val_dicts)["export"]
+    learn = mc.load_classifier(export)
+    body = learn.model[0]
+    assert [body[0].out_channels] + [getattr(body, str(i))[-1].conv2.out_channels for i in range(4, 8)] == [32, 32, 64, 128, 256]
+    full = sum(p.numel() for p in mc.narrow_resnet("resnet18", 1.0).parameters())
+    half = sum(p.numel() for p in mc.narrow_resnet("resnet18", 0.5).parameters())
+    assert half < 0.3 * full  # a quarter of the weights (and of the multiply-adds), plus the wider fc's
+    p_ship = mc.predict_p_ship(learn, [d["file_name"] for d in val_dicts])["p_ship"]
+    assert len(p_ship) == len(val_dicts) and p_ship.between(0, 1).all()
+
+
+def test_a_narrow_resnet_has_no_imagenet_weights():
+    with pytest.raises(ValueError, match="CLASSIFIER.WIDTH 0.5: ImageNet weights exist for the full width only"):
+        mc.get_arch("resnet18", pretrained=True, width=0.5)
+    model = mc.narrow_resnet("resnet34", 0.25)
+    assert model.conv1.out_channels == 16 and model.fc.in_features == 128 and len(model.layer3) == 6
+    assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 1000)
+
+
 def test_corrupt_image_in_a_worker_process_is_named(learner, tiles, tmp_path):
     good = Path(tiles[2][0]["file_name"])
     bad = tmp_path / "broken.jpg"

@@ -116,6 +116,22 @@ def test_backbone_sees_the_stage_size_on_every_iteration(tiny_cfg):
     assert trainer.input_size_guard.seen_shape == (2, 3, 96, 96)
 
 
+def test_crops_train_on_the_crop_and_validate_on_whole_images(tiny_cfg):
+    cfg = tiny_cfg("DETECTOR.STAGES", "[[96, 2, 0.01, 0]]", "DETECTOR.CROP_SIZE", "64")
+    stage = module_config.get_stage(cfg, 1)
+    assert module_train.training_input_size(cfg, stage) == 64
+    train_dicts, val_dicts = get_train_val_dicts(cfg)
+    trainer = module_train.build_stage_trainer(cfg, stage, train_dicts, val_dicts[:1], init_weights="", resume=False)
+    shapes = []
+    module_inference.unwrap_model(trainer.model).backbone.register_forward_pre_hook(lambda m, args: shapes.append(tuple(args[0].shape)))
+    trainer.train(trainer.start_iter, stage.iterations)
+    # two training iterations on 64 px crops of the 96 px image, then validation on whole 96 px images
+    assert shapes[:2] == [(2, 3, 64, 64)] * 2 and shapes[2:] and all(s[-2:] == (96, 96) for s in shapes[2:])
+    assert trainer.input_size_guard.seen_shape == (2, 3, 64, 64)
+    # a crop no smaller than the stage: whole images
+    assert module_train.training_input_size(module_config.get_cfg(None, ["DETECTOR.CROP_SIZE", "96"]), stage) == 96
+
+
 def test_resume_restores_model_optimizer_schedule_and_iteration(tiny_cfg):
     cfg = tiny_cfg("DETECTOR.EVAL_PERIOD", "0", "DETECTOR.STAGES", "[[64, 4, 0.01, 1]]", "SOLVER.CHECKPOINT_PERIOD", "2")
     stage = module_config.get_stage(cfg, 1)
@@ -210,6 +226,30 @@ def test_the_detector_backbone_starts_from_the_classifier_and_computes_its_featu
     module_train.train_detector(cfg, train_dicts, val_dicts)
     log = (detector_dir / "log.txt").read_text()
     assert "its settings changed since its checkpoints were saved (init:" in log
+
+
+def test_a_half_width_classifier_body_fits_the_half_width_detector(tiny_cfg):
+    """CLASSIFIER.WIDTH 0.5 (module_classifier.narrow_resnet) against the demo's detector ResNet
+    (build_basic_resnet_fpn_backbone at 32 channels): the same tensors, the same features."""
+    import module_classifier
+    from fastai.vision.all import create_body, imagenet_stats
+
+    cfg = tiny_cfg("CLASSIFIER.ARCH", "resnet18", "CLASSIFIER.WIDTH", "0.5", "MODEL.BACKBONE.NAME",
+                   "build_basic_resnet_fpn_backbone", "MODEL.RESNETS.STEM_OUT_CHANNELS", "32",
+                   "MODEL.RESNETS.RES2_OUT_CHANNELS", "32")
+    torch.manual_seed(0)
+    body = create_body(module_classifier.narrow_resnet("resnet18", 0.5), pretrained=False).eval()
+    state = module_train.classifier_body_to_detectron2(body.state_dict(), cfg)
+    model = build_model(module_config.get_model_cfg(cfg)).eval()
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected and not [m for m in missing if "bottom_up" in m]
+    rgb = torch.randint(0, 256, (3, 64, 64), generator=torch.Generator().manual_seed(0)).float()
+    mean, std = (torch.tensor(v).view(3, 1, 1) for v in imagenet_stats)
+    with torch.no_grad():
+        expected = body(((rgb / 255 - mean) / std)[None])
+        got = model.backbone.bottom_up(((rgb.flip(0) - model.pixel_mean) / model.pixel_std)[None])["res5"]
+    assert got.shape[1] == 256
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
 def test_backbone_from_the_classifier_errors(tiny_cfg, tiny_trained):

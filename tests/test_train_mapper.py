@@ -219,3 +219,53 @@ def test_validation_overlays_outline_truth_green_and_prediction_red():
     assert green[8, 10] and green[39, 29] and not green[20, 12]  # the L's corners, not its inside
     assert red[44, 44] and red[53, 57] and not red[48, 50]  # the square's corners, not its inside
     assert not (green | red)[0:5, :].any()  # nothing drawn away from the masks
+
+
+def _areas(instances) -> list[int]:
+    return sorted(int(m.sum()) for m in instances.gt_masks.tensor.numpy())
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_ship_crop_holds_a_whole_ship_and_keeps_masks_aligned(asymmetric_dict, seed):
+    """A 32 px crop of the 64 px image: the L (32x20 px) and the square (10x14) each fit it, so
+    the crop holds at least one of them whole, and image and masks still coincide."""
+    np.random.seed(seed)
+    out = module_train.ShipDatasetMapper(_cfg(CROP_SIZE=32), SIZE, is_train=True)(asymmetric_dict)
+    assert tuple(out["image"].shape) == (3, 32, 32)
+    instances = out["instances"]
+    whole = [int(m.sum()) for m in _shapes()]
+    assert set(_areas(instances)) & set(whole), (seed, _areas(instances), whole)
+    assert _iou(_bright(out["image"]), _mask_union(instances)) > 0.95
+    boxes = instances.gt_boxes.tensor.numpy()
+    assert (boxes >= 0).all() and (boxes <= 32).all()
+
+
+def test_ship_crop_after_resize_and_with_the_other_augmentations(asymmetric_dict):
+    """The crop is cut from the stage-sized image (here 96 px), and flips and rotation follow it."""
+    np.random.seed(0)
+    cfg = _cfg(CROP_SIZE=40, HFLIP_PROB=0.5, VFLIP_PROB=0.5, ROTATION_DEG=20.0)
+    for _ in range(5):
+        out = module_train.ShipDatasetMapper(cfg, 96, is_train=True)(asymmetric_dict)
+        assert tuple(out["image"].shape) == (3, 40, 40) and len(out["instances"]) >= 1
+        assert _iou(_bright(out["image"]), _mask_union(out["instances"])) > 0.8
+
+
+def test_ship_crop_on_a_ship_free_image_and_when_the_image_is_no_larger(asymmetric_dict, tmp_path):
+    empty = dict(asymmetric_dict, annotations=[])
+    out = module_train.ShipDatasetMapper(_cfg(CROP_SIZE=32), SIZE, is_train=True)(empty)
+    assert tuple(out["image"].shape) == (3, 32, 32) and len(out["instances"]) == 0
+    whole = module_train.ShipDatasetMapper(_cfg(CROP_SIZE=SIZE), SIZE, is_train=True)(asymmetric_dict)
+    assert tuple(whole["image"].shape) == (3, SIZE, SIZE) and _areas(whole["instances"]) == sorted(int(m.sum()) for m in _shapes())
+    evaluation = module_train.ShipDatasetMapper(_cfg(CROP_SIZE=32), SIZE, is_train=False)(asymmetric_dict)
+    assert tuple(evaluation["image"].shape) == (3, SIZE, SIZE)  # never cropped outside training
+
+
+def test_ship_crop_origin_holds_the_ship_or_its_centre():
+    np.random.seed(0)
+    origin = module_train.ShipCrop._origin
+    starts = {origin(10, 30, 64, 32) for _ in range(200)}  # a 20 px ship in a 32 px crop: starts 0..10
+    assert starts == set(range(0, 11))
+    starts = {origin(50, 60, 64, 32) for _ in range(200)}  # near the far edge: the crop stops at the edge
+    assert starts == set(range(28, 33))
+    starts = {origin(0, 50, 64, 32) for _ in range(200)}  # larger than the crop: its centre (25) is inside
+    assert all(s <= 25 < s + 32 for s in starts) and len(starts) > 1
