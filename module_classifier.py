@@ -54,6 +54,7 @@ import module_config
 
 with module_config.quiet_jit_deprecation():  # fastai scripts a few functions at import
     from fastai.callback.core import Callback, CancelFitException
+    from fastai.callback.schedule import ParamScheduler
     from fastai.callback.tensorboard import TensorBoardCallback
     from fastai.metrics import AccumMetric, ActivationType, accuracy, skm_to_fastai
     from fastai.vision.all import (
@@ -580,10 +581,11 @@ def plan_epochs(cfg, learn: Learner, margin: float = 0.05) -> dict:
                      if cfg.CLASSIFIER.PRECISION == "int8" else 0.0)
     budget_s = 60 * cfg.CLASSIFIER.TIME_BUDGET_MIN * (1 - margin) - (time.time() - started)
     epochs, fit = epochs_for_budget(budget_s, epoch_s, report_s + calibration_s)
+    fit_end = time.time() + budget_s - report_s - calibration_s  # where ClockSchedule ends the one-cycle
     plan = {"budget_min": float(cfg.CLASSIFIER.TIME_BUDGET_MIN), "configured_epochs": int(cfg.CLASSIFIER.EPOCHS),
             "epochs": epochs, "s_per_train_batch": s_train, "s_per_valid_batch": s_valid, "train_batches": n_train,
             "valid_batches": n_valid, "expected_s": epochs * epoch_s + report_s + calibration_s,
-            "probe_s": time.time() - started, "started": started,
+            "probe_s": time.time() - started, "started": started, "fit_end": fit_end,
             "expected_end": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(time.time() + epochs * epoch_s + report_s))}
     if fit < 1:
         logger.warning("classifier: one epoch takes %.0f s, more than the time budget of %g min leaves; training 1",
@@ -592,6 +594,34 @@ def plan_epochs(cfg, learn: Learner, margin: float = 0.05) -> dict:
                 "(configured %d), end ~%s", cfg.CLASSIFIER.TIME_BUDGET_MIN, s_train, s_valid, epochs,
                 cfg.CLASSIFIER.EPOCHS, plan["expected_end"])
     return plan
+
+
+class ClockSchedule(Callback):
+    """Keeps fastai's one-cycle schedule on the clock as well as on the batch count.
+
+    ``ParamScheduler`` sets the learning rate from ``learn.pct_train``, the share of the planned
+    batches done. Before each training batch this sets that position to the larger of the batches
+    done and the share of the time from the fit's start to ``end`` (epoch seconds: the end the
+    time budget leaves for training, ``plan_epochs``' ``fit_end``). Where the plan holds, the batch
+    count leads and the schedule is fastai's own; where the machine turns out slower than its
+    probe, the learning rate still comes down by ``end``, so that a fit the budget cuts
+    (:class:`RunProgress`) ends annealed, not in the middle of its high-LR phase.
+    """
+
+    order = ParamScheduler.order - 1  # before ParamScheduler reads the position
+
+    def __init__(self, end: float):
+        self.end, self.start = end, None
+
+    def before_fit(self):
+        self.start = time.time()
+
+    def before_batch(self):
+        if not self.training:
+            return
+        by_batches = self.learn.train_iter / (self.n_iter * self.n_epoch)
+        by_clock = (time.time() - self.start) / max(self.end - self.start, 1e-9)
+        self.learn.pct_train = min(1.0, max(by_batches, by_clock))
 
 
 class RunProgress(Callback):
@@ -709,6 +739,8 @@ def train_classifier(cfg, train_dicts: Sequence[dict], val_dicts: Sequence[dict]
     # Passed to fit, not to the learner, so the exported learner carries no writer.
     callbacks = [TrainingTensorBoard(log_dir=str(out_dir), trace_model=False, log_preds=False),
                  RunProgress(module_config.get_progress_path(cfg), deadline)]
+    if deadline is not None:
+        callbacks.append(ClockSchedule(plan["fit_end"]))
     with training_precision(learn, cfg.CLASSIFIER.PRECISION) as precision:
         logger.info("classifier: training at %s (CLASSIFIER.PRECISION %s)", precision, cfg.CLASSIFIER.PRECISION)
         learn.fit_one_cycle(epochs, lr, cbs=callbacks)

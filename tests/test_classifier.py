@@ -583,6 +583,27 @@ def test_a_half_width_resnet_trains_exports_and_predicts(tiles, tiny_cfg):
     assert len(p_ship) == len(val_dicts) and p_ship.between(0, 1).all()
 
 
+def test_the_one_cycle_follows_the_clock_when_the_machine_is_slower_than_planned(tiles, tiny_cfg):
+    """ClockSchedule: with the fit's time already spent (a probe far too optimistic), every batch
+    runs at the one-cycle's final learning rate; with time to spare, the schedule is fastai's own."""
+    import time
+
+    _, train_dicts, val_dicts = tiles
+    cfg = tiny_cfg(*LR)
+    frame = mc.get_label_frame(train_dicts, val_dicts)
+
+    def lrs(*cbs) -> list[float]:
+        learn = mc.build_learner(cfg, mc.build_dataloaders(cfg, frame), mc.get_loss(cfg, frame), Path(cfg.PATHS.RUNS_DIR))
+        learn.fit_one_cycle(2, 1e-3, cbs=list(cbs))
+        return learn.recorder.lrs
+
+    planned = lrs()
+    assert len(planned) == 6 and max(planned) == pytest.approx(1e-3, rel=0.3)  # 3 batches an epoch, warm-up, peak
+    assert lrs(mc.ClockSchedule(end=time.time() + 3600)) == pytest.approx(planned)  # the batch count leads
+    late = lrs(mc.ClockSchedule(end=time.time()))  # the clock says the fit should be over
+    assert late == pytest.approx([1e-3 / 1e5] * 6)  # fit_one_cycle's final LR (lr_max / div_final)
+
+
 def test_a_narrow_resnet_has_no_imagenet_weights():
     with pytest.raises(ValueError, match="CLASSIFIER.WIDTH 0.5: ImageNet weights exist for the full width only"):
         mc.get_arch("resnet18", pretrained=True, width=0.5)
