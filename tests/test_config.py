@@ -39,6 +39,9 @@ def test_the_demo_trains_to_time_budgets_and_the_real_config_keeps_its_models():
     assert demo.CLASSIFIER.ARCH == "resnet18" and demo.CLASSIFIER.TIME_BUDGET_MIN > 0 and demo.DETECTOR.TIME_BUDGET_MIN > 0
     assert demo.CLASSIFIER.TIME_BUDGET_MIN + demo.DETECTOR.TIME_BUDGET_MIN <= 16  # + data, tuning, prediction: <= 20 min
     assert tiny.CLASSIFIER.TIME_BUDGET_MIN == tiny.DETECTOR.TIME_BUDGET_MIN == 0  # the tests' runs stay tiny
+    # the demo's cheaper steps: a half-width classifier, detector crops; the real config has neither
+    assert demo.CLASSIFIER.WIDTH == 0.5 and 0 < demo.DETECTOR.CROP_SIZE < demo.DETECTOR.STAGES[0][0]
+    assert real.CLASSIFIER.WIDTH == tiny.CLASSIFIER.WIDTH == 1.0 and real.DETECTOR.CROP_SIZE == tiny.DETECTOR.CROP_SIZE == 0
     # the demo's detector: ResNet-18 at half width, through the project's backbone builder
     from detectron2.modeling import build_model
 
