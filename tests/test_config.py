@@ -42,6 +42,9 @@ def test_the_demo_trains_to_time_budgets_and_the_real_config_keeps_its_models():
     # the demo's cheaper steps: a half-width classifier, detector crops; the real config has neither
     assert demo.CLASSIFIER.WIDTH == 0.5 and 0 < demo.DETECTOR.CROP_SIZE < demo.DETECTOR.STAGES[0][0]
     assert real.CLASSIFIER.WIDTH == tiny.CLASSIFIER.WIDTH == 1.0 and real.DETECTOR.CROP_SIZE == tiny.DETECTOR.CROP_SIZE == 0
+    # the demo's detector starts from its classifier's ResNet (the same ResNet-18 at half width); the
+    # real config starts from COCO weights
+    assert demo.DETECTOR.BACKBONE_FROM_CLASSIFIER and not real.DETECTOR.BACKBONE_FROM_CLASSIFIER
     # the demo's detector: ResNet-18 at half width, through the project's backbone builder
     from detectron2.modeling import build_model
 
