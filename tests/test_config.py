@@ -45,6 +45,7 @@ def test_the_demo_trains_to_time_budgets_and_the_real_config_keeps_its_models():
     # the demo's detector starts from its classifier's ResNet (the same ResNet-18 at half width); the
     # real config starts from COCO weights
     assert demo.DETECTOR.BACKBONE_FROM_CLASSIFIER and not real.DETECTOR.BACKBONE_FROM_CLASSIFIER
+    assert not tiny.DETECTOR.BACKBONE_FROM_CLASSIFIER  # tiny: a ResNet-34 classifier, a ResNet-18 detector
     # the demo's detector: ResNet-18 at half width, through the project's backbone builder
     from detectron2.modeling import build_model
 

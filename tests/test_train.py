@@ -191,7 +191,6 @@ def _classifier_run(tiny_cfg, tiny_trained, *overrides: str):
 
 def test_the_detector_backbone_starts_from_the_classifier_and_computes_its_features(tiny_cfg, tiny_trained):
     import module_classifier
-    from fastai.vision.all import imagenet_stats
 
     cfg = _classifier_run(tiny_cfg, tiny_trained, "MODEL.RESNETS.DEPTH", "34", "DETECTOR.STAGES", "[[64, 2, 0.01, 0]]",
                           "DETECTOR.EVAL_PERIOD", "0")
@@ -207,18 +206,9 @@ def test_the_detector_backbone_starts_from_the_classifier_and_computes_its_featu
 
     # the detector's ResNet, as written, computes the classifier body's features on the same image
     body = module_classifier.load_classifier(module_config.get_classifier_path(cfg)).model[0].eval().float()
-    model = build_model(module_config.get_model_cfg(cfg)).eval()
     state = torch.load(init)["model"]
     assert all(name.startswith("backbone.bottom_up.") for name in state)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    assert not unexpected and not [m for m in missing if "bottom_up" in m]
-    rgb = torch.randint(0, 256, (3, 64, 64), generator=torch.Generator().manual_seed(0)).float()
-    mean, std = (torch.tensor(v).view(3, 1, 1) for v in imagenet_stats)
-    with torch.no_grad():
-        expected = body(((rgb / 255 - mean) / std)[None])
-        bgr = rgb.flip(0)  # INPUT.FORMAT BGR, 0-255
-        got = model.backbone.bottom_up(((bgr - model.pixel_mean) / model.pixel_std)[None])["res5"]
-    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    assert_detector_resnet_computes_the_body(cfg, state, body)
 
     # a retrained classifier is another start: stage 1 is set aside and trained again
     export = module_config.get_classifier_path(cfg)
@@ -228,18 +218,12 @@ def test_the_detector_backbone_starts_from_the_classifier_and_computes_its_featu
     assert "its settings changed since its checkpoints were saved (init:" in log
 
 
-def test_a_half_width_classifier_body_fits_the_half_width_detector(tiny_cfg):
-    """CLASSIFIER.WIDTH 0.5 (module_classifier.narrow_resnet) against the demo's detector ResNet
-    (build_basic_resnet_fpn_backbone at 32 channels): the same tensors, the same features."""
-    import module_classifier
-    from fastai.vision.all import create_body, imagenet_stats
+def assert_detector_resnet_computes_the_body(cfg, state: dict, body: torch.nn.Module) -> torch.Tensor:
+    """Load ``state`` (the detector's ResNet tensors) into the config's detector and check that its
+    ResNet computes the classifier ``body``'s features on one image: detectron2's BGR 0-255 input
+    against fastai's RGB ImageNet-normalized one. Returns the detector's res5 features."""
+    from fastai.vision.all import imagenet_stats
 
-    cfg = tiny_cfg("CLASSIFIER.ARCH", "resnet18", "CLASSIFIER.WIDTH", "0.5", "MODEL.BACKBONE.NAME",
-                   "build_basic_resnet_fpn_backbone", "MODEL.RESNETS.STEM_OUT_CHANNELS", "32",
-                   "MODEL.RESNETS.RES2_OUT_CHANNELS", "32")
-    torch.manual_seed(0)
-    body = create_body(module_classifier.narrow_resnet("resnet18", 0.5), pretrained=False).eval()
-    state = module_train.classifier_body_to_detectron2(body.state_dict(), cfg)
     model = build_model(module_config.get_model_cfg(cfg)).eval()
     missing, unexpected = model.load_state_dict(state, strict=False)
     assert not unexpected and not [m for m in missing if "bottom_up" in m]
@@ -247,9 +231,26 @@ def test_a_half_width_classifier_body_fits_the_half_width_detector(tiny_cfg):
     mean, std = (torch.tensor(v).view(3, 1, 1) for v in imagenet_stats)
     with torch.no_grad():
         expected = body(((rgb / 255 - mean) / std)[None])
-        got = model.backbone.bottom_up(((rgb.flip(0) - model.pixel_mean) / model.pixel_std)[None])["res5"]
-    assert got.shape[1] == 256
+        bgr = rgb.flip(0)  # INPUT.FORMAT BGR, 0-255
+        got = model.backbone.bottom_up(((bgr - model.pixel_mean) / model.pixel_std)[None])["res5"]
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    return got
+
+
+def test_a_half_width_classifier_body_fits_the_half_width_detector(tiny_cfg):
+    """CLASSIFIER.WIDTH 0.5 (module_classifier.narrow_resnet) against the demo's detector ResNet
+    (build_basic_resnet_fpn_backbone at 32 channels): the same tensors, the same features."""
+    import module_classifier
+    from fastai.vision.all import create_body
+
+    cfg = tiny_cfg("CLASSIFIER.ARCH", "resnet18", "CLASSIFIER.WIDTH", "0.5", "MODEL.BACKBONE.NAME",
+                   "build_basic_resnet_fpn_backbone", "MODEL.RESNETS.STEM_OUT_CHANNELS", "32",
+                   "MODEL.RESNETS.RES2_OUT_CHANNELS", "32")
+    torch.manual_seed(0)
+    body = create_body(module_classifier.narrow_resnet("resnet18", 0.5), pretrained=False).eval()
+    state = module_train.classifier_body_to_detectron2(body.state_dict(), cfg)
+    got = assert_detector_resnet_computes_the_body(cfg, state, body)
+    assert got.shape[1] == 256
 
 
 def test_backbone_from_the_classifier_errors(tiny_cfg, tiny_trained):
