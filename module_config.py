@@ -203,6 +203,13 @@ def add_airbus_config(cfg: CN) -> CN:
     cfg.SUBMIT.SCORE_THRESHOLD = 0.5  # detections below this score are dropped
     cfg.SUBMIT.MIN_AREA = 20  # masks smaller than this (px, after overlap removal) are dropped
     cfg.SUBMIT.TTA = False  # flip TTA for the detector, masks merged
+    # Detections of one ship merged into one (module_inference.merge_fragments): a detection whose
+    # mask overlaps a higher-scoring one's by at least this share of the smaller mask joins it
+    # (union of the masks, the higher score). 0: off. For a detector that puts several parts of
+    # a ship in several detections (the demo's, trained minutes on a CPU); a well-trained one
+    # rarely does, and merging can join two ships moored side by side whose masks bleed.
+    cfg.SUBMIT.MERGE_IOS = 0.0
+    cfg.SUBMIT.MERGE_MIN_SCORE = 0.1  # detections below this score neither lead nor join a merge
     cfg.SUBMIT.BATCH_SIZE = 8  # detector images per forward pass
     # `predict` fails (exit 1, the report of failed files still written) when more images than
     # this cannot be read: a share of the images when < 1, else a count.
@@ -404,6 +411,8 @@ VALID: dict[str, tuple[Callable, str]] = {
     "SUBMIT.CLASSIFIER_THRESHOLD": PROBABILITY,
     "SUBMIT.SCORE_THRESHOLD": PROBABILITY,
     "SUBMIT.MIN_AREA": COUNT,
+    "SUBMIT.MERGE_IOS": PROBABILITY,
+    "SUBMIT.MERGE_MIN_SCORE": PROBABILITY,
     "SUBMIT.BATCH_SIZE": POSITIVE_INT,
     "SUBMIT.MAX_FAILED": _number(0),
     "SUBMIT.TUNE_CLASSIFIER_THRESHOLDS": _each(PROBABILITY),

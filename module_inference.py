@@ -16,7 +16,8 @@ Kaggle submission (``module_submit``) and scene detection (``module_detect``):
   :func:`get_eval_augmentations`, the very resize the training mapper applies with
   ``is_train=False`` (``module_train.ShipDatasetMapper``), then the model in batches; masks are
   pasted back at each image's size.
-* **flip TTA** :func:`merge_tta_predictions`; **overlap removal** :func:`resolve_overlaps` (each
+* **flip TTA** :func:`merge_tta_predictions`; **a ship's fragments merged** :func:`merge_fragments`
+  (``SUBMIT.MERGE_IOS``); **overlap removal** :func:`resolve_overlaps` (each
   pixel to the highest-scoring mask, as Kaggle requires) and the three thresholds
   (:class:`Thresholds`, :func:`get_thresholds`: the run's tuned ones, the config's otherwise; the
   score threshold optionally one per mask-size bucket).
@@ -301,8 +302,63 @@ def merge_tta_predictions(views: Sequence[dict], iou_threshold: float = 0.5) -> 
     return {"masks": np.stack(out_masks)[order], "scores": scores[order]}
 
 
+def merge_fragments(prediction: dict, min_ios: float, min_score: float = 0.0) -> dict:
+    """One ship from its fragments: detections whose masks overlap are unioned into one.
+
+    An undertrained detector often puts several detections on one ship, each a part of it, with
+    boxes too unlike for the box NMS to remove (detectron2's ``NMS_THRESH_TEST``): after overlap
+    removal each part matches the ship at a low IoU, so the ship is a miss and the parts false
+    ships. Here, in score order, each detection not yet taken leads a group and takes every other
+    detection whose mask overlaps the group's mask by at least ``min_ios`` of the smaller of the
+    two (intersection over the smaller area), again and again as the group's mask grows; the
+    group becomes one detection, the union of its masks with the leader's score. Detections
+    scoring below ``min_score`` neither lead nor join (they are left as they are).
+
+    ``prediction``: ``masks`` (N, H, W) bool, ``scores`` (N,), sorted or not. Returns the same
+    kind of dict, sorted by score, highest first; masks may still overlap (remove overlaps
+    afterwards). ``min_ios <= 0``: the prediction as it is.
+    """
+    from pycocotools import mask as mask_util
+
+    masks, scores = np.asarray(prediction["masks"], bool), np.asarray(prediction["scores"], np.float32)
+    order = np.argsort(-scores, kind="stable")
+    masks, scores = masks[order], scores[order]
+    candidates = np.nonzero(scores >= min_score)[0]
+    if min_ios <= 0 or len(candidates) < 2:
+        return {"masks": masks, "scores": scores}
+    rles = masks_to_coco(masks[candidates])
+    areas = mask_util.area(rles).astype(np.float64)
+    taken = np.zeros(len(candidates), bool)
+    merged = masks.copy()
+    dropped: list[int] = []
+    for lead in range(len(candidates)):
+        if taken[lead]:
+            continue
+        taken[lead] = True
+        group, group_area, members = rles[lead], areas[lead], [lead]
+        while True:
+            rest = np.nonzero(~taken)[0]
+            if not len(rest) or group_area == 0:
+                break
+            iou = np.asarray(mask_util.iou([group], [rles[r] for r in rest], [0] * len(rest)), np.float64)[0]
+            intersection = iou * (group_area + areas[rest]) / (1.0 + iou)
+            joining = rest[intersection >= min_ios * np.maximum(np.minimum(group_area, areas[rest]), 1.0)]
+            if not len(joining):
+                break
+            taken[joining] = True
+            members += joining.tolist()
+            group = mask_util.merge([group] + [rles[r] for r in joining])
+            group_area = float(mask_util.area(group))
+        if len(members) > 1:
+            merged[candidates[lead]] = masks[candidates[members]].any(axis=0)
+            dropped += candidates[members[1:]].tolist()
+    keep = np.setdiff1d(np.arange(len(scores)), dropped)
+    return {"masks": merged[keep], "scores": scores[keep]}
+
+
 def predict_instances(model: torch.nn.Module, images: Sequence[np.ndarray], input_size: int | None = None,
-                      tta: bool = False, batch_size: int = 8) -> list[dict]:
+                      tta: bool = False, batch_size: int = 8, merge_ios: float = 0.0,
+                      merge_min_score: float = 0.0) -> list[dict]:
     """Masks and scores for each (H, W, 3) uint8 RGB image, at the image's own size.
 
     Each image is resized to ``input_size`` square (default ``model.input_size``: the size the
@@ -310,7 +366,9 @@ def predict_instances(model: torch.nn.Module, images: Sequence[np.ndarray], inpu
     ``batch_size``, and masks are pasted back at (H, W). Returns one dict per image: ``masks``
     (N, H, W) bool (row-major, may overlap) and ``scores`` (N,) float32, sorted by score, highest
     first. ``tta``: the original, horizontally and vertically flipped images are predicted,
-    un-flipped and merged by :func:`merge_tta_predictions`. The model's mode is restored afterwards.
+    un-flipped and merged by :func:`merge_tta_predictions`. ``merge_ios`` > 0: each image's
+    fragments of one ship are then merged (:func:`merge_fragments` with ``merge_min_score``;
+    ``SUBMIT.MERGE_IOS`` and ``.MERGE_MIN_SCORE`` in the config). The model's mode is restored afterwards.
     """
     net = unwrap_model(model)
     input_size = int(input_size or getattr(net, "input_size"))
@@ -328,10 +386,9 @@ def predict_instances(model: torch.nn.Module, images: Sequence[np.ndarray], inpu
                     predictions = [{"masks": np.ascontiguousarray(np.flip(p["masks"], axis + 1)),
                                     "scores": p["scores"]} for p in predictions]
                 per_view.append(predictions)
-            if not tta:
-                results += per_view[0]
-            else:
-                results += [merge_tta_predictions([view[i] for view in per_view]) for i in range(len(batch))]
+            merged = per_view[0] if not tta else [merge_tta_predictions([view[i] for view in per_view])
+                                                  for i in range(len(batch))]
+            results += [merge_fragments(p, merge_ios, merge_min_score) if merge_ios > 0 else p for p in merged]
     return results
 
 
@@ -507,17 +564,24 @@ def build_p_ship_fn(cfg, classifier_path: str | Path | None = None) -> PShipFn:
     return p_ship_fn
 
 
+def get_merge_args(cfg) -> dict:
+    """:func:`predict_instances`' fragment-merge arguments from the config (``SUBMIT.MERGE_*``)."""
+    return {"merge_ios": float(cfg.SUBMIT.MERGE_IOS), "merge_min_score": float(cfg.SUBMIT.MERGE_MIN_SCORE)}
+
+
 def build_detect_fn(cfg, weights: str | Path | None = None) -> DetectFn:
     """A :data:`DetectFn` over the run's detector, at the input size its checkpoint was trained at.
 
-    ``SUBMIT.TTA`` turns on flip TTA; ``SUBMIT.BATCH_SIZE`` images per pass.
+    ``SUBMIT.TTA`` turns on flip TTA; ``SUBMIT.BATCH_SIZE`` images per pass; ``SUBMIT.MERGE_IOS``
+    (> 0) merges each ship's fragments (:func:`merge_fragments`).
     """
     model = load_detector(cfg, weights)
     logger.info("detector %s at input size %d, TTA %s", weights or get_default_weights_path(cfg),
                 model.input_size, cfg.SUBMIT.TTA)
 
     def detect_fn(images: Sequence[np.ndarray]) -> list:
-        return predict_instances(model, list(images), tta=cfg.SUBMIT.TTA, batch_size=cfg.SUBMIT.BATCH_SIZE)
+        return predict_instances(model, list(images), tta=cfg.SUBMIT.TTA, batch_size=cfg.SUBMIT.BATCH_SIZE,
+                                 **get_merge_args(cfg))
 
     return detect_fn
 

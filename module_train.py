@@ -79,8 +79,8 @@ from tqdm.auto import tqdm
 from module_config import (Stage, get_detector_dir, get_detector_path, get_model_cfg, get_stage,
                            get_stage_dir, get_stage_path, get_stages, save_cfg, uses_random_init)
 from module_files import atomic_path, read_image, set_aside
-from module_inference import (get_eval_augmentations, predict_instances, resolve_overlaps, resolve_weights,
-                              unwrap_model)
+from module_inference import (get_eval_augmentations, get_merge_args, predict_instances, resolve_overlaps,
+                              resolve_weights, unwrap_model)
 from module_metric import f2_masks
 from module_plots import draw_outlines
 from module_progress import ProgressReporter, median_step_seconds
@@ -359,7 +359,8 @@ def compute_coco_ap(dicts: Sequence[dict], predictions: Sequence[dict]) -> dict[
 def evaluate_detector(cfg: CfgNode, model: torch.nn.Module, dicts: Sequence[dict], input_size: int) -> tuple[dict, list[dict]]:
     """Competition F2 and COCO AP of ``model`` on ``dicts`` at ``input_size``.
 
-    Predictions come from `predict_instances` (no TTA), then ``resolve_overlaps`` with
+    Predictions come from `predict_instances` (no TTA; fragments merged as ``SUBMIT.MERGE_IOS``
+    says), then ``resolve_overlaps`` with
     ``SUBMIT.SCORE_THRESHOLD``/``SUBMIT.MIN_AREA`` as in a submission, then ``f2_masks`` per image.
     COCO AP uses the raw predictions (every score). Returns (metrics, per-image predictions
     after overlap removal): ``f2`` (mean over images), ``f2_ships`` / ``f2_empty`` (over images
@@ -371,7 +372,8 @@ def evaluate_detector(cfg: CfgNode, model: torch.nn.Module, dicts: Sequence[dict
     for start in tqdm(range(0, len(dicts), batch), desc=f"validation @ {input_size}px", leave=False):
         chunk = dicts[start:start + batch]
         images = [read_image(d["file_name"]) for d in chunk]
-        for d, prediction in zip(chunk, predict_instances(model, images, input_size, batch_size=batch)):
+        for d, prediction in zip(chunk, predict_instances(model, images, input_size, batch_size=batch,
+                                                          **get_merge_args(cfg))):
             masks, scores = resolve_overlaps(
                 prediction["masks"], prediction["scores"], score_threshold=cfg.SUBMIT.SCORE_THRESHOLD, min_area=cfg.SUBMIT.MIN_AREA
             )

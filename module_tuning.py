@@ -761,7 +761,7 @@ def tune_thresholds(cfg, val_dicts: Sequence[dict] | None = None, classifier: st
         logger.warning("no classifier at %s: tuning ungated (p_ship = 1 for every image)", classifier)
     fingerprint = _cache_fingerprint(weights, classifier if use_classifier else None) + str(
         [d["image_id"] for d in val_dicts]) + str(min(cfg.SUBMIT.TUNE_SCORE_THRESHOLDS)) + str(
-        [cfg.SUBMIT.TTA, cfg.CLASSIFIER.TTA, cfg.CLASSIFIER.PRECISION])
+        [cfg.SUBMIT.TTA, cfg.SUBMIT.MERGE_IOS, cfg.SUBMIT.MERGE_MIN_SCORE, cfg.CLASSIFIER.TTA, cfg.CLASSIFIER.PRECISION])
     cache_path = get_submission_path(cfg, "tune_cache")
     cache = None
     if reuse_cache and cache_path.is_file():

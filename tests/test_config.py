@@ -46,6 +46,8 @@ def test_the_demo_trains_to_time_budgets_and_the_real_config_keeps_its_models():
     # real config starts from COCO weights
     assert demo.DETECTOR.BACKBONE_FROM_CLASSIFIER and not real.DETECTOR.BACKBONE_FROM_CLASSIFIER
     assert not tiny.DETECTOR.BACKBONE_FROM_CLASSIFIER  # tiny: a ResNet-34 classifier, a ResNet-18 detector
+    # the demo merges its detector's fragments of one ship; the real config does not (it could join moored ships)
+    assert demo.SUBMIT.MERGE_IOS > 0 and real.SUBMIT.MERGE_IOS == 0
     # the demo's detector: ResNet-18 at half width, through the project's backbone builder
     from detectron2.modeling import build_model
 

@@ -292,11 +292,13 @@ def test_write_mosaic_lays_tiles_row_by_row_and_pads_the_short_row(real_tiles, t
     assert not list(tmp_path.glob("*.tmp*")), "written atomically, nothing left behind"
 
 
+@pytest.mark.parametrize("merge_ios, min_expected", [(0.0, 10), (0.3, 3)])
 def test_mosaic_without_overlap_gives_the_per_tile_predictions_shifted(real_tiles, tiny_run_cfg, biased_detector,
-                                                                       tmp_path):
+                                                                       tmp_path, merge_ios, min_expected):
     """End to end through load_detector / predict_instances: aligned slices, no overlap -> exactly
-    what predicting each tile alone gives (``apply_thresholds``), shifted by the tile's offset."""
-    cfg = tiny_run_cfg("SUBMIT.CLASSIFIER_THRESHOLD", "0")
+    what predicting each tile alone gives (``apply_thresholds``), shifted by the tile's offset;
+    with and without merging each tile's fragments of a ship (``SUBMIT.MERGE_IOS``)."""
+    cfg = tiny_run_cfg("SUBMIT.CLASSIFIER_THRESHOLD", "0", "SUBMIT.MERGE_IOS", str(merge_ios))
     offsets = [(0, 0), (0, 768), (768, 0), (768, 768)]
     mosaic = np.zeros((1536, 1536, 3), np.uint8)
     for (_, image, _), (row, col) in zip(real_tiles, offsets):
@@ -312,12 +314,13 @@ def test_mosaic_without_overlap_gives_the_per_tile_predictions_shifted(real_tile
     model = module_inference.load_detector(cfg, biased_detector)
     thresholds = module_inference.get_thresholds(cfg)[0]
     predictions = module_inference.predict_instances(model, [t[1] for t in real_tiles],
-                                                     batch_size=cfg.SUBMIT.BATCH_SIZE)
+                                                     batch_size=cfg.SUBMIT.BATCH_SIZE,
+                                                     **module_inference.get_merge_args(cfg))
     expected = []
     for prediction, (row, col) in zip(predictions, offsets):
         masks, scores = module_inference.apply_thresholds(prediction, thresholds)
         expected += [(float(s), md.mask_to_detection(m, row, col, s)) for m, s in zip(masks, scores)]
-    assert len(expected) > 10, "the tiny detector should find something on real tiles"
+    assert len(expected) > min_expected, "the tiny detector should find something on real tiles"
     key = (lambda d: (-d.score, d.row, d.col))
     expected_ships = sorted((d for _, d in expected), key=key)
     got = sorted(scene.ships, key=key)

@@ -257,6 +257,62 @@ def test_resolve_overlaps_gives_each_pixel_to_the_highest_score():
     assert len(kept) == 2
 
 
+# ---------------------------------------------------------------- a ship's fragments merged
+def test_merge_fragments_unions_the_parts_of_one_ship_and_leaves_other_ships_alone():
+    shape = (20, 30)
+    masks = np.stack([
+        _rect(shape, 2, 2, 3, 10),    # 0.6: the bow half of a ship (rows 2-4, cols 2-11)
+        _rect(shape, 2, 10, 3, 10),   # 0.8: its stern half, overlapping the bow by cols 10-11
+        _rect(shape, 3, 18, 1, 6),    # 0.3: a sliver overlapping the stern only (cols 18-19): joins the grown group
+        _rect(shape, 12, 2, 4, 8),    # 0.7: another ship, far away
+        _rect(shape, 12, 9, 4, 3),    # 0.05: a low-score part touching it: below min_score, left as it is
+    ])
+    scores = np.array([0.6, 0.8, 0.3, 0.7, 0.05], np.float32)
+    merged = module_inference.merge_fragments({"masks": masks, "scores": scores}, min_ios=0.1, min_score=0.1)
+    np.testing.assert_array_equal(merged["scores"], np.array([0.8, 0.7, 0.05], np.float32))
+    np.testing.assert_array_equal(merged["masks"][0], masks[0] | masks[1] | masks[2])
+    np.testing.assert_array_equal(merged["masks"][1], masks[3])
+    np.testing.assert_array_equal(merged["masks"][2], masks[4])
+    # an overlap below min_ios of the smaller mask: no merge (bow and stern share 6 of 30 px: 0.2)
+    apart = module_inference.merge_fragments({"masks": masks[:2], "scores": scores[:2]}, min_ios=0.25)
+    np.testing.assert_array_equal(apart["scores"], np.array([0.8, 0.6], np.float32))
+    np.testing.assert_array_equal(apart["masks"], masks[[1, 0]])
+    # off, and the edge cases: sorted by score, the masks untouched
+    off = module_inference.merge_fragments({"masks": masks, "scores": scores}, min_ios=0.0)
+    np.testing.assert_array_equal(off["masks"], masks[np.argsort(-scores, kind="stable")])
+    empty = module_inference.merge_fragments({"masks": np.zeros((0, *shape), bool), "scores": np.zeros(0)}, 0.1)
+    assert empty["masks"].shape == (0, *shape) and empty["scores"].shape == (0,)
+
+
+class FragmentingDetector(FakeDetector):
+    """Canned detector that sees a bright bar as two overlapping halves (an undertrained detector's habit)."""
+
+    def inference(self, batched_inputs):
+        outputs = []
+        for x in batched_inputs:
+            height, width = x["height"], x["width"]
+            instances = Instances((height, width))
+            halves = torch.zeros((2, height, width), dtype=torch.bool)
+            halves[0, 10:14, 4:24] = True  # overlapping by 8 of its 20 columns: IoS 0.4
+            halves[1, 10:14, 16:40] = True
+            instances.pred_masks = halves
+            instances.scores = torch.tensor([0.5, 0.9])
+            outputs.append({"instances": instances})
+        return outputs
+
+
+def test_predict_instances_merges_fragments_as_the_config_says():
+    image = np.zeros((48, 48, 3), np.uint8)
+    (raw,) = module_inference.predict_instances(FragmentingDetector(), [image], input_size=48)
+    assert len(raw["scores"]) == 2
+    assert module_config.get_cfg("configs/airbus.yaml").SUBMIT.MERGE_IOS == 0.0  # off unless a config says (the real one does not)
+    cfg = module_config.get_cfg("configs/airbus.yaml", ["SUBMIT.MERGE_IOS", "0.3"])
+    (merged,) = module_inference.predict_instances(FragmentingDetector(), [image], input_size=48,
+                                                   **module_inference.get_merge_args(cfg))
+    np.testing.assert_allclose(merged["scores"], [0.9])
+    np.testing.assert_array_equal(merged["masks"][0], raw["masks"].any(axis=0))
+
+
 def test_thresholds_precedence_command_line_then_tuned_then_config(tmp_path):
     import module_tuning
 
