@@ -322,14 +322,13 @@ def merge_fragments(prediction: dict, min_ios: float, min_score: float = 0.0) ->
 
     masks, scores = np.asarray(prediction["masks"], bool), np.asarray(prediction["scores"], np.float32)
     order = np.argsort(-scores, kind="stable")
-    masks, scores = masks[order], scores[order]
+    masks, scores = masks[order], scores[order]  # copies: a leader's union is written into its own row below
     candidates = np.nonzero(scores >= min_score)[0]
     if min_ios <= 0 or len(candidates) < 2:
         return {"masks": masks, "scores": scores}
     rles = masks_to_coco(masks[candidates])
     areas = mask_util.area(rles).astype(np.float64)
     taken = np.zeros(len(candidates), bool)
-    merged = masks.copy()
     dropped: list[int] = []
     for lead in range(len(candidates)):
         if taken[lead]:
@@ -349,11 +348,11 @@ def merge_fragments(prediction: dict, min_ios: float, min_score: float = 0.0) ->
             members += joining.tolist()
             group = mask_util.merge([group] + [rles[r] for r in joining])
             group_area = float(mask_util.area(group))
-        if len(members) > 1:
-            merged[candidates[lead]] = masks[candidates[members]].any(axis=0)
+        if len(members) > 1:  # members join one group only and never lead: their rows stay as predicted
+            masks[candidates[lead]] = masks[candidates[members]].any(axis=0)
             dropped += candidates[members[1:]].tolist()
     keep = np.setdiff1d(np.arange(len(scores)), dropped)
-    return {"masks": merged[keep], "scores": scores[keep]}
+    return {"masks": masks[keep], "scores": scores[keep]}
 
 
 def predict_instances(model: torch.nn.Module, images: Sequence[np.ndarray], input_size: int | None = None,
