@@ -48,6 +48,8 @@ def test_the_demo_trains_to_time_budgets_and_the_real_config_keeps_its_models():
     assert not tiny.DETECTOR.BACKBONE_FROM_CLASSIFIER  # tiny: a ResNet-34 classifier, a ResNet-18 detector
     # the demo merges its detector's fragments of one ship; the real config does not (it could join moored ships)
     assert demo.SUBMIT.MERGE_IOS > 0 and real.SUBMIT.MERGE_IOS == 0
+    # the demo samples fewer regions per crop than the real config per tile (roi_align backward is slow on a CPU)
+    assert demo.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE == 64 < real.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE
     # the demo's detector: ResNet-18 at half width, through the project's backbone builder
     from detectron2.modeling import build_model
 
@@ -183,6 +185,7 @@ def test_key_equals_value_overrides_are_accepted_by_get_cfg():
     ("SUBMIT.TUNE_MIN_AREAS", "[]", "SUBMIT.TUNE_MIN_AREAS is []; expected a non-empty list, each an integer >= 0"),
     ("SUBMIT.MAX_FAILED", "-1", "SUBMIT.MAX_FAILED is -1.0; expected a number >= 0"),
     ("CLASSIFIER.TIME_BUDGET_MIN", "-5", "CLASSIFIER.TIME_BUDGET_MIN is -5.0; expected a number >= 0"),
+    ("SUBMIT.MERGE_IOS", "2", "SUBMIT.MERGE_IOS is 2.0; expected a number in [0, 1]"),
 ])
 def test_values_out_of_range_name_the_key_the_value_and_the_range(key, value, expected):
     with pytest.raises(ValueError) as info:
