@@ -444,6 +444,38 @@ def choose_thresholds(grid: pd.DataFrame, confidence: float, target_all_empty: f
     return Choice(get_no_ship_thresholds(gated), None, float("nan"), float(target_all_empty), guard)
 
 
+def choose_from_sweep(sweep: Sweep, target: float, weighting: float | None, confidence: float, n_resamples: int,
+                      seed: int, gated: bool = True) -> tuple[Choice, BootstrapWeights | None, str]:
+    """The guarded choice (:func:`choose_thresholds`) from a sweep's per-image F2; adds the
+    columns ``f2_target``, ``n_predicting`` and ``gain_lower`` to ``sweep.grid`` in place.
+
+    ``target``: the share of ship-free images tuned for (the all-empty F2 the guard compares
+    with); ``weighting``: that share for the means, or None for the split's own. Returns the
+    choice, the bootstrap weights (None without the guard) and why the guard cannot run ("" when
+    it can).
+    """
+    has_ships, grid = sweep.has_ships, sweep.grid
+    grid["f2_target"] = target_mean(sweep.f2, has_ships, weighting)
+    grid["n_predicting"] = sweep.predicts.sum(axis=0)
+    weights, guard_problem = None, ""
+    if confidence > 0:
+        shares = {"ship-free": target, "with ships": 1 - target}
+        sizes = {"ship-free": int((~has_ships).sum()), "with ships": int(has_ships.sum())}
+        thin = [kind for kind in sizes if shares[kind] > 0 and sizes[kind] < MIN_IMAGES_PER_KIND]
+        if thin:
+            guard_problem = ("the validation split is too small to support a choice: "
+                             + ", ".join(f"{sizes[k]} image(s) {k}" for k in thin)
+                             + f" (the bootstrap needs at least {MIN_IMAGES_PER_KIND} of each kind)")
+        weights = get_bootstrap_weights(has_ships, n_resamples, seed)
+        all_empty = (~has_ships).astype(np.float64)
+        grid["gain_lower"] = bootstrap_lower_bound(sweep.f2 - all_empty[:, None], weights, weighting, confidence,
+                                                   GAIN_ON_PSEUDO)
+    else:
+        grid["gain_lower"] = np.nan
+    choice = choose_thresholds(grid, confidence, target, gated=gated, guard_problem=guard_problem)
+    return choice, weights, guard_problem
+
+
 def _size_columns(edges: Sequence[float]) -> list[str]:
     names = {1: ("small", "large"), 2: ("small", "medium", "large")}.get(len(edges))
     return [f"score_{name}" for name in names] if names else [f"score_size{k}" for k in range(len(edges) + 1)]
@@ -628,28 +660,11 @@ def tune(cache: Sequence[TuneImage], cfg, progress: bool = True, train_empty_fra
         weighting = None
     logger.info("tuning for %.1f%% ship-free images (from %s); the validation split has %.1f%% (%d of %d images)",
                 100 * target, target_source, 100 * validation_empty, int((~has_ships).sum()), len(has_ships))
-    all_empty = (~has_ships).astype(np.float64)
     grid = sweep.grid
-    grid["f2_target"] = target_mean(sweep.f2, has_ships, weighting)
-    grid["n_predicting"] = sweep.predicts.sum(axis=0)
-
     confidence = float(submit.GUARD_CONFIDENCE)
-    weights, guard_problem = None, ""
-    if confidence > 0:
-        weights = {"ship-free": target, "with ships": 1 - target}
-        sizes = {"ship-free": int((~has_ships).sum()), "with ships": int(has_ships.sum())}
-        thin = [kind for kind in sizes if weights[kind] > 0 and sizes[kind] < MIN_IMAGES_PER_KIND]
-        if thin:
-            guard_problem = ("the validation split is too small to support a choice: "
-                             + ", ".join(f"{sizes[k]} image(s) {k}" for k in thin)
-                             + f" (the bootstrap needs at least {MIN_IMAGES_PER_KIND} of each kind)")
-        weights = get_bootstrap_weights(has_ships, int(submit.GUARD_BOOTSTRAP), int(submit.GUARD_SEED))
-        grid["gain_lower"] = bootstrap_lower_bound(sweep.f2 - all_empty[:, None], weights, weighting, confidence,
-                                                   GAIN_ON_PSEUDO)
-    else:
-        grid["gain_lower"] = np.nan
     gated = bool(np.any(np.array([c.p_ship for c in cache]) < 1))
-    choice = choose_thresholds(grid, confidence, target, gated=gated, guard_problem=guard_problem)
+    choice, weights, guard_problem = choose_from_sweep(sweep, target, weighting, confidence,
+                                                       int(submit.GUARD_BOOTSTRAP), int(submit.GUARD_SEED), gated)
     if choice.guard.get("passed") is False:
         logger.warning("no-harm guard (%d validation images, %d resamples): %s; falling back to %s: %s",
                        len(cache), int(submit.GUARD_BOOTSTRAP), choice.guard["reason"], choice.guard["fallback"],

@@ -192,6 +192,27 @@ def test_guard_falls_back_on_a_split_too_small_to_support_a_choice(tmp_path, cap
     assert saved["guard"]["bootstrap"] == 1000 and saved["guard"]["confidence"] == 0.9
 
 
+def test_choose_from_sweep_is_tunes_choice_on_any_subset_of_the_images():
+    """The guarded choice on its own (what bench/bench_val_size.py draws validation splits for):
+    on the noisy split it falls back as :func:`tune` does; on 10 copies of it (the same F2 per
+    setting, 10x the images) the guard passes and score 0.5 is taken."""
+    cache = noisy_small_split()
+    sweep = module_tuning.sweep_thresholds(cache, [0.0], [0.5, 0.95], [0], progress=False)
+    choice, weights, problem = module_tuning.choose_from_sweep(sweep, 0.5, 0.5, 0.9, 1000, 0)
+    assert choice.thresholds == Thresholds(0.0, 0.95, 0) and choice.guard["passed"] is False and problem == ""
+    assert {"f2_target", "n_predicting", "gain_lower"} <= set(sweep.grid.columns)
+    assert list(sweep.grid["n_predicting"]) == [3, 0] and weights.ships.shape == (1000, 4)
+    big = module_tuning.sweep_thresholds(cache * 10, [0.0], [0.5, 0.95], [0], progress=False)
+    choice, _, _ = module_tuning.choose_from_sweep(big, 0.5, 0.5, 0.9, 1000, 0)
+    assert choice.thresholds == Thresholds(0.0, 0.5, 0) and choice.guard["passed"] is True
+    assert choice.target_f2 == pytest.approx(4 / 6)
+    one_kind = module_tuning.sweep_thresholds(cache[:1] + cache[3:], [0.0], [0.5], [0], progress=False)
+    _, _, problem = module_tuning.choose_from_sweep(one_kind, 0.5, 0.5, 0.9, 100, 0)
+    assert "1 image(s) with ships" in problem
+    _, weights, _ = module_tuning.choose_from_sweep(big, 0.5, 0.5, 0.0, 1000, 0)  # no guard: no bootstrap
+    assert weights is None and big.grid["gain_lower"].isna().all()
+
+
 def rare_false_ships(n_empty: int, n_ships: int) -> list[TuneImage]:
     """Ship image k: its ship found at 0.95 when k % 10 < 3, else nothing; ship-free image k: a
     false ship at 0.97 when k % 50 == 37 (one tile in 50: none among the first 20)."""
