@@ -692,14 +692,31 @@ class StopGuard(HookBase):
     trainer raises :class:`TrainingStopped` naming it. A deadline raises ``_StageTimeUp`` the same
     way; ``train_stage`` then saves the stage's final weights and goes on. Installs the handlers
     only in the main thread, and puts the previous ones back after training.
+
+    The stage's closing validation comes after its last iteration, so training stops that long
+    before the deadline: ``validation_s`` (its expected seconds at the planned speed) times the
+    stage's slowdown so far, its seconds per iteration against ``planned_s_per_iter``.
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-    def __init__(self, checkpointer: "AtomicCheckpointer", stage: Stage, deadline: float | None = None):
+    def __init__(self, checkpointer: "AtomicCheckpointer", stage: Stage, deadline: float | None = None,
+                 validation_s: float = 0.0, planned_s_per_iter: float = 0.0):
         self.checkpointer, self.stage, self.deadline = checkpointer, stage, deadline
+        self.validation_s, self.planned_s_per_iter = validation_s, planned_s_per_iter
         self.received: int | None = None
         self._previous: dict = {}
+        self._started: tuple[float, int] | None = None  # (time, iteration) of this call's first step
+
+    def reserve_s(self, now: float) -> float:
+        """Seconds to keep for the closing validation (see the class docstring)."""
+        if not self.validation_s or self._started is None:
+            return self.validation_s
+        started, first = self._started
+        done = self.trainer.iter + 1 - first
+        if done < 5 or self.planned_s_per_iter <= 0:
+            return self.validation_s
+        return self.validation_s * max(1.0, (now - started) / done / self.planned_s_per_iter)
 
     def _handle(self, signum, frame) -> None:
         if self.received is not None and signum == signal.SIGINT:
@@ -709,6 +726,7 @@ class StopGuard(HookBase):
                        "with a checkpoint")
 
     def before_train(self) -> None:
+        self._started = (time.time(), self.trainer.start_iter)
         if threading.current_thread() is threading.main_thread():
             for signum in self.SIGNALS:
                 self._previous[signum] = signal.signal(signum, self._handle)
@@ -721,7 +739,8 @@ class StopGuard(HookBase):
     def after_step(self) -> None:
         code = self.received or 0
         last = self.trainer.iter + 1 >= self.trainer.max_iter  # the stage ends here anyway
-        if self.deadline is not None and not last and time.time() > self.deadline:
+        now = time.time()
+        if self.deadline is not None and not last and now > self.deadline - self.reserve_s(now):
             code = code or -1
         if comm.get_world_size() > 1:
             flag = torch.tensor([code], dtype=torch.int64)
@@ -947,13 +966,15 @@ def _quiet_loggers(*names: str) -> Iterator[None]:
 
 # ---------------------------------------------------------------- training
 def build_stage_trainer(cfg: CfgNode, stage: Stage, train_dicts: Sequence[dict], val_dicts: Sequence[dict],
-                        init_weights: str, resume: bool, deadline: float | None = None) -> SimpleTrainer:
+                        init_weights: str, resume: bool, deadline: float | None = None, validation_s: float = 0.0,
+                        planned_s_per_iter: float = 0.0) -> SimpleTrainer:
     """A detectron2 ``SimpleTrainer`` for ``stage`` with its hooks, loaded and ready to ``train``.
 
     ``init_weights`` ("" = random init) seeds the model unless ``resume`` finds a checkpoint
     in the stage folder, which then restores model, optimizer, LR schedule and iteration; the data
     stream (:class:`ResumableSampler`) and the per-iteration seeds (:class:`StepSeed`) continue
-    where they were. ``deadline`` (epoch seconds): the stage ends there (time budget).
+    where they were. ``deadline`` (epoch seconds): the stage ends there (time budget), its closing
+    validation included (:class:`StopGuard`: ``validation_s``, ``planned_s_per_iter``).
     ``trainer.start_iter`` / ``trainer.stage_max_iter`` say where it goes.
     """
     model_cfg = get_model_cfg(cfg, stage)
@@ -1006,7 +1027,8 @@ def build_stage_trainer(cfg: CfgNode, stage: Stage, train_dicts: Sequence[dict],
             # kill between the two can repeat a metrics line on resume but never lose one
             RetainingPeriodicCheckpointer(checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD, max_iter=stage.iterations,
                                           max_to_keep=cfg.DETECTOR.MAX_CHECKPOINTS_KEPT or None),
-            StopGuard(checkpointer, stage, deadline),  # last: a stop comes after this iteration's writes
+            # last: a stop comes after this iteration's writes
+            StopGuard(checkpointer, stage, deadline, validation_s, planned_s_per_iter),
         ]
     )
     return trainer
@@ -1059,8 +1081,10 @@ def _set_aside_from(cfg: CfgNode, stage: Stage, why: str) -> None:
 
 
 def train_stage(cfg: CfgNode, stage: Stage, train_dicts: Sequence[dict], val_dicts: Sequence[dict],
-                fresh: bool = False, deadline: float | None = None) -> tuple[Path, str]:
+                fresh: bool = False, deadline: float | None = None, validation_s: float = 0.0,
+                planned_s_per_iter: float = 0.0) -> tuple[Path, str]:
     """Train one stage (see the module docstring); returns ``(its model_final.pth, outcome)``.
+    ``deadline``, ``validation_s``, ``planned_s_per_iter``: the time budget's (:class:`StopGuard`).
 
     Outcome: ``"reused"`` (finished before, same fingerprint), ``"resumed at N"`` (continued from
     its last checkpoint) or ``"trained"``. ``fresh``, or a fingerprint that changed
@@ -1107,7 +1131,8 @@ def train_stage(cfg: CfgNode, stage: Stage, train_dicts: Sequence[dict], val_dic
     comm.synchronize()
     if stage.index == 1 and cfg.DETECTOR.BACKBONE_FROM_CLASSIFIER and not get_stage_path(cfg, stage, "last_checkpoint").exists():
         write_classifier_init(cfg)
-    trainer = build_stage_trainer(cfg, stage, train_dicts, val_dicts, init_weights, resume=True, deadline=deadline)
+    trainer = build_stage_trainer(cfg, stage, train_dicts, val_dicts, init_weights, resume=True, deadline=deadline,
+                                  validation_s=validation_s, planned_s_per_iter=planned_s_per_iter)
     steps = get_model_cfg(cfg, stage).SOLVER.STEPS
     if trainer.start_iter:
         outcome = f"resumed at {trainer.start_iter}"
@@ -1275,7 +1300,7 @@ def planned_seconds_after(cfg: CfgNode, stage: Stage) -> float | None:
 
 
 # A stage may overrun its planned share of the budget by this fraction (plus STAGE_GRACE_S) where
-# earlier stages left time unused, and all the stages trained in one call together by TOTAL_GRACE
+# earlier stages left time unused, and the stages together (BudgetClock: across calls) by TOTAL_GRACE
 # of the budget: a probe's s/iter is noisy (a later stage ran 40% slower than its probe on a
 # shared host), and the budget is a promise to the user's clock.
 STAGE_GRACE, STAGE_GRACE_S, TOTAL_GRACE = 0.2, 5.0, 0.03
@@ -1290,29 +1315,51 @@ def _stage_shares(record: dict | None) -> dict[int, float]:
 
 
 class BudgetClock:
-    """The deadlines of the stages trained in one call under a time budget.
+    """The deadlines of the stages under a time budget, from their planned shares and the seconds
+    each has spent so far (``plan.json``'s ``spent_s``, written after every stage), so that stages
+    trained in separate calls (the notebook trains one stage a cell; a run resumed later) keep to
+    the budget together as those of one call do.
 
     A stage may run its planned share of the budget plus :data:`STAGE_GRACE` and
-    :data:`STAGE_GRACE_S`, but never past the end of the budget of the stages trained so far in
-    this call (their shares summed, plus :data:`TOTAL_GRACE`): a stage that overran leaves less
-    to the next, one that ended early leaves more, and the stages together keep to the budget.
-    A stage reused from an earlier call took no time: its share is not this call's.
+    :data:`STAGE_GRACE_S` (less what it spent in earlier calls), but never past the budget of the
+    stages up to it (their shares summed, plus :data:`TOTAL_GRACE`, less what the earlier stages
+    spent): a stage that overran leaves less to the next, one that ended early leaves more. An
+    earlier stage with no record (trained before the ledger, or without a budget) counts as its share.
     """
 
-    def __init__(self, shares: dict[int, float]):
+    def __init__(self, shares: dict[int, float], spent: dict | None = None):
         self.shares = shares
-        self.budget_end: float | None = None
+        self.spent = {int(k): float(v) for k, v in (spent or {}).items()}
 
     def start(self, index: int, now: float) -> float | None:
         """Stage ``index`` starts at ``now``: its deadline (epoch seconds; None: no budget)."""
         if index not in self.shares:
             return None
-        self.budget_end = (now if self.budget_end is None else self.budget_end) + (1 + TOTAL_GRACE) * self.shares[index]
-        return min(now + (1 + STAGE_GRACE) * self.shares[index] + STAGE_GRACE_S, self.budget_end)
+        own_before = self.spent.get(index, 0.0)
+        earlier = sum(self.spent.get(j, share) for j, share in self.shares.items() if j < index)
+        up_to = (1 + TOTAL_GRACE) * sum(share for j, share in self.shares.items() if j <= index)
+        own = (1 + STAGE_GRACE) * self.shares[index] + STAGE_GRACE_S
+        return now + min(own, up_to - earlier) - own_before
 
-    def finished(self, index: int, outcome: str) -> None:
-        if outcome == "reused" and index in self.shares and self.budget_end is not None:
-            self.budget_end -= (1 + TOTAL_GRACE) * self.shares[index]
+    def finished(self, index: int, seconds: float, resumed: bool) -> None:
+        """Stage ``index`` took ``seconds`` in this call: its record, or added to it when it ``resumed``."""
+        self.spent[index] = (self.spent.get(index, 0.0) if resumed else 0.0) + float(seconds)
+
+
+def _closing_validation(record: dict | None, stage: Stage, n_eval: int) -> tuple[float, float]:
+    """(expected seconds of ``stage``'s closing validation, its planned seconds per iteration)."""
+    if record is None or not n_eval:
+        return 0.0, 0.0
+    plan = record["plan"]
+    return n_eval * plan["s_per_eval_image"][stage.index - 1], plan["s_per_iter"][stage.index - 1]
+
+
+def _save_spent(cfg: CfgNode, record: dict, spent: dict[int, float]) -> None:
+    """Write the stages' spent seconds into ``plan.json`` (rank 0, atomically)."""
+    record["spent_s"] = {str(k): round(v, 3) for k, v in sorted(spent.items())}
+    if comm.is_main_process():
+        with atomic_path(get_detector_path(cfg, "plan")) as tmp:
+            tmp.write_text(json.dumps(record, indent=1))
 
 
 def train_detector(cfg: CfgNode, train_dicts: Sequence[dict], val_dicts: Sequence[dict], stage: int | None = None,
@@ -1366,12 +1413,22 @@ def train_detector(cfg: CfgNode, train_dicts: Sequence[dict], val_dicts: Sequenc
         config_path = save_cfg(cfg, get_detector_dir(cfg)) if comm.is_main_process() else None
         stages = get_stages(cfg)
         selected = stages if selected_index is None else [get_stage(cfg, selected_index)]
-        clock = BudgetClock(_stage_shares(record))
+        clock = BudgetClock(_stage_shares(record), record.get("spent_s") if record else None)
         final = None
         for current in selected:
-            deadline = clock.start(current.index, time.time())
-            final, outcome = train_stage(cfg, current, train_dicts, val_dicts, fresh=fresh, deadline=deadline)
-            clock.finished(current.index, outcome)
+            started = time.time()
+            deadline = clock.start(current.index, started)
+            resuming = not fresh and get_stage_path(cfg, current, "last_checkpoint").exists()
+            validation_s, s_per_iter = _closing_validation(record, current, len(eval_dicts))
+            outcome = "stopped"
+            try:
+                final, outcome = train_stage(cfg, current, train_dicts, val_dicts, fresh=fresh, deadline=deadline,
+                                             validation_s=validation_s, planned_s_per_iter=s_per_iter)
+            finally:  # a stopped stage's time counts too: it resumes with what is left
+                if record is not None and outcome != "reused":
+                    resumed = outcome.startswith("resumed") if outcome != "stopped" else resuming
+                    clock.finished(current.index, time.time() - started, resumed=resumed)
+                    _save_spent(cfg, record, clock.spent)
     return {"final": final, "best": get_detector_path(cfg, "best"), "config": config_path, "log": log_path,
             "plan": get_detector_path(cfg, "plan") if record else None}
 

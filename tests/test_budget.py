@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -56,20 +57,52 @@ def test_stage_deadlines_keep_the_stages_together_to_the_budget():
     clock = module_train.BudgetClock({1: 100.0, 2: 100.0, 3: 100.0})
     # stage 1 alone: its share plus 20% and 5 s, capped by the budget so far (its share plus 3%)
     assert clock.start(1, now=0.0) == pytest.approx(100 * grace)
+    clock.finished(1, 103.0, resumed=False)
     # it overran to 103 s: stage 2 gets the rest of the first 200 s (plus 3%), not 125 s of its own
     assert clock.start(2, now=103.0) == pytest.approx(200 * grace)
+    clock.finished(2, 47.0, resumed=False)
     # stage 2 ended early, at 150 s: stage 3 may use 20% more than its share, and no more
     assert clock.start(3, now=150.0) == pytest.approx(150 + 1.2 * 100 + 5)
     # however the stages went, the last one ends by the budget's end plus 3%
     late = module_train.BudgetClock({1: 100.0, 2: 100.0})
     late.start(1, 0.0)
+    late.finished(1, 250.0, resumed=False)
     assert late.start(2, now=250.0) == pytest.approx(200 * grace)  # already past: stops at its first iteration
-    # a stage reused from an earlier call takes none of this call's time
-    resumed = module_train.BudgetClock({1: 100.0, 2: 50.0})
-    resumed.start(1, now=0.0)
-    resumed.finished(1, "reused")
-    assert resumed.start(2, now=1.0) == pytest.approx(50 * grace)
     assert module_train.BudgetClock({}).start(1, 0.0) is None  # no budget, no deadline
+
+
+def test_stage_deadlines_hold_across_calls_through_the_spent_ledger():
+    """The notebook trains one stage a cell: each call's clock starts from plan.json's spent_s."""
+    grace = 1 + module_train.TOTAL_GRACE
+    # stage 1 overran by 60 s in an earlier call: stage 2, in a call of its own, gets 60 s less
+    assert module_train.BudgetClock({1: 100.0, 2: 100.0}, {"1": 160.0}).start(2, now=1000.0) == pytest.approx(
+        1000 + 200 * grace - 160)
+    # a stage stopped after 30 s and resumed later has its grace less those 30 s
+    assert module_train.BudgetClock({1: 100.0}, {"1": 30.0}).start(1, now=50.0) == pytest.approx(50 + 100 * grace - 30)
+    # an earlier stage with no record (trained without a budget) counts as its share
+    assert module_train.BudgetClock({1: 100.0, 2: 50.0}).start(2, now=1.0) == pytest.approx(1 + 150 * grace - 100)
+    clock = module_train.BudgetClock({1: 100.0}, {"1": 30.0})
+    clock.finished(1, 20.0, resumed=True)
+    assert clock.spent == {1: 50.0}
+    clock.finished(1, 20.0, resumed=False)  # trained again from its start: its record starts over
+    assert clock.spent == {1: 20.0}
+
+
+def test_training_stops_early_enough_for_the_closing_validation():
+    """StopGuard keeps the closing validation's seconds, scaled by the stage's slowdown so far."""
+    guard = module_train.StopGuard(None, Stage(1, 64, 100, 0.01, 1), deadline=1000.0, validation_s=20.0,
+                                   planned_s_per_iter=0.5)
+    guard.trainer = types.SimpleNamespace(iter=9, start_iter=0, max_iter=100)
+    assert guard.reserve_s(now=0.0) == 20.0  # before training: the planned seconds
+    guard._started = (100.0, 0)
+    assert guard.reserve_s(now=105.0) == 20.0  # 10 iterations in 5 s: at the planned speed
+    assert guard.reserve_s(now=110.0) == pytest.approx(40.0)  # twice as slow: twice the reserve
+    guard._started, guard.trainer.iter = (time.time(), 0), 20  # 21 iterations in no time: the planned reserve
+    guard.deadline = time.time() + 1000.0
+    guard.after_step()  # far from the deadline: goes on
+    guard.deadline = time.time() + 10.0  # 10 s left, but the closing validation needs 20 s
+    with pytest.raises(module_train._StageTimeUp):
+        guard.after_step()
 
 
 # ---------------------------------------------------------------- a real tiny run
@@ -88,6 +121,7 @@ def test_a_tiny_detector_run_with_a_budget_ends_with_the_planned_iterations(tiny
     record = json.loads(paths["plan"].read_text())
     planned = record["plan"]["stages"][0][1]
     assert record["plan"]["s_per_iter"][0] > 0 and "expected_end" in record
+    assert 0 < record["spent_s"]["1"] < 600  # the stage's seconds, for the deadlines of later calls
     assert "time budget 0.25 min" in caplog.text
     checkpoint = torch.load(paths["final"], weights_only=False)
     assert checkpoint["iteration"] == planned - 1 and "truncated" not in checkpoint  # a valid, complete checkpoint
