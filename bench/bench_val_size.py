@@ -36,6 +36,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import module_config  # noqa: E402
+import module_files  # noqa: E402
 import module_inference  # noqa: E402
 import module_preprocessing  # noqa: E402
 import module_synthetic  # noqa: E402
@@ -63,7 +64,7 @@ def get_pool_cache(cfg, n_pool: int, seed: int) -> list[module_tuning.TuneImage]
     run_dir = module_config.get_run_dir(cfg)
     cache_path = run_dir / "bench_val_size" / f"pool_{n_pool}_{size}px_seed{seed}.pkl"
     weights, classifier = module_config.get_detector_path(cfg), module_config.get_classifier_path(cfg)
-    fingerprint = [str(p.stat().st_mtime_ns) for p in (weights, classifier)]
+    fingerprint = module_tuning._cache_fingerprint(weights, classifier)  # the tuner's own cache key
     if cache_path.is_file():
         stored = pickle.loads(cache_path.read_bytes())
         if stored.get("fingerprint") == fingerprint:
@@ -78,7 +79,8 @@ def get_pool_cache(cfg, n_pool: int, seed: int) -> list[module_tuning.TuneImage]
         dicts, module_inference.build_detect_fn(cfg, weights), module_inference.build_p_ship_fn(cfg, classifier),
         batch_size=cfg.SUBMIT.BATCH_SIZE, min_score=min(cfg.SUBMIT.TUNE_SCORE_THRESHOLDS))
     print(f"both models on {len(cache)} pool tiles: {time.perf_counter() - started:.0f} s")
-    cache_path.write_bytes(pickle.dumps({"fingerprint": fingerprint, "images": cache}))
+    with module_files.atomic_path(cache_path) as tmp:
+        tmp.write_bytes(pickle.dumps({"fingerprint": fingerprint, "images": cache}))
     return cache
 
 
