@@ -195,6 +195,11 @@ def add_airbus_config(cfg: CN) -> CN:
     # timed probe at each stage's size sets the iterations so that training ends inside it; the
     # stages keep their proportions, warmup and LR steps scale with them.
     cfg.DETECTOR.TIME_BUDGET_MIN = 0.0
+    # Input size (px, square) of prediction after training: tuning, the submission, scenes and the
+    # benchmarks (module_inference.load_detector). 0: the size of the stage the checkpoint was
+    # trained at. Upscaling at test time helps small ships; the validation hook during training
+    # keeps each stage's own size.
+    cfg.DETECTOR.TEST_SIZE = 0
 
     # ---------------------------------------------------------------- submission
     cfg.SUBMIT = CN()
@@ -408,6 +413,7 @@ VALID: dict[str, tuple[Callable, str]] = {
     "DETECTOR.LOG_PERIOD": POSITIVE_INT,
     "DETECTOR.MAX_CHECKPOINTS_KEPT": COUNT,
     "DETECTOR.TIME_BUDGET_MIN": _number(0),
+    "DETECTOR.TEST_SIZE": COUNT,
     "SUBMIT.CLASSIFIER_THRESHOLD": PROBABILITY,
     "SUBMIT.SCORE_THRESHOLD": PROBABILITY,
     "SUBMIT.MIN_AREA": COUNT,

@@ -193,8 +193,9 @@ def load_detector(cfg, weights: str | os.PathLike | None = None) -> torch.nn.Mod
     loaded, in eval mode on ``cfg.MODEL.DEVICE`` (on a CPU with channels-last weights: faster, and
     the same predictions).
 
-    ``model.input_size`` is the input size recorded in the checkpoint (the stage it was trained
-    at; the last stage's size for files that do not record one).
+    ``model.input_size``, the size it predicts at, is ``DETECTOR.TEST_SIZE`` where set, else
+    ``model.trained_size``: the input size recorded in the checkpoint (the stage it was trained at;
+    the last stage's size for files that do not record one).
     """
     from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.modeling import build_model
@@ -204,7 +205,8 @@ def load_detector(cfg, weights: str | os.PathLike | None = None) -> torch.nn.Mod
         raise FileNotFoundError(f"detector weights {weights!r} do not exist")
     model = build_model(get_model_cfg(cfg))
     extra = DetectionCheckpointer(model).load(resolve_weights(weights))
-    model.input_size = int(extra.get("input_size", get_stages(cfg)[-1].size))
+    model.trained_size = int(extra.get("input_size", get_stages(cfg)[-1].size))
+    model.input_size = int(cfg.DETECTOR.TEST_SIZE) or model.trained_size
     if next(model.parameters()).device.type == "cpu":
         # oneDNN's NHWC convolutions: 1.20x images/s on AVX-512, 1.13x on AVX2, the same masks
         # (bench/bench_cpu_precision.py: mean mask IoU 1.0000, every instance matched)
@@ -575,8 +577,8 @@ def build_detect_fn(cfg, weights: str | Path | None = None) -> DetectFn:
     (> 0) merges each ship's fragments (:func:`merge_fragments`).
     """
     model = load_detector(cfg, weights)
-    logger.info("detector %s at input size %d, TTA %s", weights or get_default_weights_path(cfg),
-                model.input_size, cfg.SUBMIT.TTA)
+    logger.info("detector %s at input size %d (trained at %d), TTA %s", weights or get_default_weights_path(cfg),
+                model.input_size, model.trained_size, cfg.SUBMIT.TTA)
 
     def detect_fn(images: Sequence[np.ndarray]) -> list:
         return predict_instances(model, list(images), tta=cfg.SUBMIT.TTA, batch_size=cfg.SUBMIT.BATCH_SIZE,

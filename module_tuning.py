@@ -180,6 +180,12 @@ def _cache_fingerprint(*paths: Path | None) -> str:
     return digest.hexdigest()
 
 
+def _inference_key(cfg) -> str:
+    """The settings that change the models' outputs for the same weights: part of a cache's key."""
+    return str([cfg.SUBMIT.TTA, cfg.SUBMIT.MERGE_IOS, cfg.SUBMIT.MERGE_MIN_SCORE, cfg.CLASSIFIER.TTA,
+                cfg.CLASSIFIER.PRECISION, cfg.DETECTOR.TEST_SIZE])
+
+
 # ============================================================================ per-image F2 of every setting
 def keep_by_score(scores: np.ndarray, areas: np.ndarray, score_setting: Sequence[float], edges: Sequence[float],
                   shape: tuple[int, int]) -> np.ndarray:
@@ -775,8 +781,7 @@ def tune_thresholds(cfg, val_dicts: Sequence[dict] | None = None, classifier: st
     if not use_classifier:
         logger.warning("no classifier at %s: tuning ungated (p_ship = 1 for every image)", classifier)
     fingerprint = _cache_fingerprint(weights, classifier if use_classifier else None) + str(
-        [d["image_id"] for d in val_dicts]) + str(min(cfg.SUBMIT.TUNE_SCORE_THRESHOLDS)) + str(
-        [cfg.SUBMIT.TTA, cfg.SUBMIT.MERGE_IOS, cfg.SUBMIT.MERGE_MIN_SCORE, cfg.CLASSIFIER.TTA, cfg.CLASSIFIER.PRECISION])
+        [d["image_id"] for d in val_dicts]) + str(min(cfg.SUBMIT.TUNE_SCORE_THRESHOLDS)) + _inference_key(cfg)
     cache_path = get_submission_path(cfg, "tune_cache")
     cache = None
     if reuse_cache and cache_path.is_file():

@@ -58,17 +58,20 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def get_pool_cache(cfg, n_pool: int, seed: int) -> list[module_tuning.TuneImage]:
-    """Both models' outputs on the generated pool, cached under the run's folder."""
+def get_pool_cache(cfg, n_pool: int, seed: int) -> tuple[list[module_tuning.TuneImage], float]:
+    """Both models' outputs on the generated pool, cached under the run's folder (one file per
+    ``DETECTOR.TEST_SIZE``: bench_test_size.py compares them), and the seconds the models took."""
     size = int(cfg.DATA.IMAGE_SIZE)
     run_dir = module_config.get_run_dir(cfg)
-    cache_path = run_dir / "bench_val_size" / f"pool_{n_pool}_{size}px_seed{seed}.pkl"
+    at = f"_at{cfg.DETECTOR.TEST_SIZE}" if cfg.DETECTOR.TEST_SIZE else ""
+    cache_path = run_dir / "bench_val_size" / f"pool_{n_pool}_{size}px_seed{seed}{at}.pkl"
     weights, classifier = module_config.get_detector_path(cfg), module_config.get_classifier_path(cfg)
-    fingerprint = module_tuning._cache_fingerprint(weights, classifier)  # the tuner's own cache key
+    # the tuner's own cache key: the models' files and the settings that change their outputs
+    fingerprint = module_tuning._cache_fingerprint(weights, classifier) + module_tuning._inference_key(cfg)
     if cache_path.is_file():
         stored = pickle.loads(cache_path.read_bytes())
         if stored.get("fingerprint") == fingerprint:
-            return stored["images"]
+            return stored["images"], stored.get("seconds", float("nan"))
     pool_dir = cache_path.parent / f"pool_{n_pool}_{size}px_seed{seed}"
     paths = module_synthetic.get_dataset_paths(pool_dir)
     if not paths["test_truth"].is_file():
@@ -78,10 +81,11 @@ def get_pool_cache(cfg, n_pool: int, seed: int) -> list[module_tuning.TuneImage]
     cache = module_tuning.collect_tune_cache(
         dicts, module_inference.build_detect_fn(cfg, weights), module_inference.build_p_ship_fn(cfg, classifier),
         batch_size=cfg.SUBMIT.BATCH_SIZE, min_score=min(cfg.SUBMIT.TUNE_SCORE_THRESHOLDS))
-    print(f"both models on {len(cache)} pool tiles: {time.perf_counter() - started:.0f} s")
+    seconds = time.perf_counter() - started
+    print(f"both models on {len(cache)} pool tiles: {seconds:.0f} s")
     with module_files.atomic_path(cache_path) as tmp:
-        tmp.write_bytes(pickle.dumps({"fingerprint": fingerprint, "images": cache}))
-    return cache
+        tmp.write_bytes(pickle.dumps({"fingerprint": fingerprint, "images": cache, "seconds": seconds}))
+    return cache, seconds
 
 
 def simulate(sweep: module_tuning.Sweep, size: int, draws: int, target: float, confidence: float, n_resamples: int,
@@ -124,7 +128,7 @@ def main(args) -> int:
         print(f"SKIPPED: the run has no trained models to benchmark ({missing[0]} is missing); `make demo` trains "
               "the demo's, or pass --run")
         return 0
-    cache = get_pool_cache(cfg, args.n_pool, args.seed)
+    cache, _ = get_pool_cache(cfg, args.n_pool, args.seed)
     submit = cfg.SUBMIT
     sweep = module_tuning.sweep_thresholds(cache, submit.TUNE_CLASSIFIER_THRESHOLDS, submit.TUNE_SCORE_THRESHOLDS,
                                            submit.TUNE_MIN_AREAS, progress=False)

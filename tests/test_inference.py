@@ -219,6 +219,24 @@ def test_load_detector_takes_the_runs_best_weights_by_default(tiny_trained, tiny
         module_inference.load_detector(tiny_cfg())  # a run that trained nothing
 
 
+def test_load_detector_predicts_at_the_configs_test_size(tiny_trained):
+    """``DETECTOR.TEST_SIZE`` sets the size the model predicts at (upscaled from the 64 px it was
+    trained at); the masks still come back at the image's own size."""
+    cfg = tiny_trained.cfg.clone()
+    cfg.defrost()
+    cfg.DETECTOR.TEST_SIZE = 96
+    model = module_inference.load_detector(cfg)
+    assert (model.input_size, model.trained_size) == (96, 64)
+    image = np.asarray(Image.open(next(iter(sorted((tiny_trained.input_dir / "test_v2").glob("*.jpg"))))))
+    seen = []
+    handle = model.backbone.register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape[-2:])))
+    try:
+        (prediction,) = module_inference.predict_instances(model, [image])
+    finally:
+        handle.remove()
+    assert seen == [(96, 96)] and prediction["masks"].shape[1:] == image.shape[:2]
+
+
 # ---------------------------------------------------------------- overlap removal and thresholds
 def _rect(shape, top, left, height, width) -> np.ndarray:
     mask = np.zeros(shape, bool)

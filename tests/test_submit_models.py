@@ -125,6 +125,13 @@ def test_tune_on_validation_split_feeds_predict(tiny_trained, predict, tiny_conf
     with caplog.at_level(logging.INFO, logger="module_tuning"):
         assert run_cli(*tune, "--fresh", *tiny_trained.opts) == 0
     assert "reused the model outputs" not in caplog.text and cache.stat().st_mtime_ns != stamp
+    # Another test-time input size is another model output: not reused.
+    stamp = cache.stat().st_mtime_ns
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="module_tuning"):
+        assert run_cli(*tune, *tiny_trained.opts, "DETECTOR.TEST_SIZE", "96") == 0
+    assert "made with other models or images: recomputing" in caplog.text and cache.stat().st_mtime_ns != stamp
+    assert run_cli(*tune, *tiny_trained.opts) == 0  # back at the trained size, for the checks below
     assert yaml.safe_load(thresholds_file.read_text())["thresholds"] == saved["thresholds"]  # same models, same choice
     # Overlays of the submission against the test truth.
     assert run_cli("visualize", "--submission", tmp_path / "tuned.csv", "--truth",
