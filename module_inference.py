@@ -571,7 +571,8 @@ def get_merge_args(cfg) -> dict:
 
 
 def build_detect_fn(cfg, weights: str | Path | None = None) -> DetectFn:
-    """A :data:`DetectFn` over the run's detector, at the input size its checkpoint was trained at.
+    """A :data:`DetectFn` over the run's detector, at ``DETECTOR.TEST_SIZE`` where set, else at the
+    input size its checkpoint was trained at (:func:`load_detector`).
 
     ``SUBMIT.TTA`` turns on flip TTA; ``SUBMIT.BATCH_SIZE`` images per pass; ``SUBMIT.MERGE_IOS``
     (> 0) merges each ship's fragments (:func:`merge_fragments`).
