@@ -30,15 +30,11 @@ import torch  # noqa: E402
 
 import module_config  # noqa: E402
 import module_tuning  # noqa: E402
-from bench.bench_val_size import get_pool_cache  # noqa: E402
+from bench.bench_val_size import add_pool_args, get_pool_cache, get_run_cfg  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"), help="grids and target from here")
-    parser.add_argument("--run", default=None, help="run folder with the models (default the config's)")
-    parser.add_argument("--n-pool", type=int, default=1000, help="independent generated tiles")
-    parser.add_argument("--seed", type=int, default=11, help="the pool's generator seed (the demo's data: 0)")
+    parser = add_pool_args(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]))
     parser.add_argument("--sizes", default="0,384,448", help="test sizes in px; 0: the trained size, the baseline")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
     return parser
@@ -46,19 +42,10 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args) -> int:
     logging.basicConfig(level=logging.WARNING)
-    opts = list(args.opts or [])
-    if args.run:
-        run = Path(args.run)
-        opts += ["PATHS.RUNS_DIR", str(run.parent), "PATHS.RUN_NAME", run.name]
-    cfg = module_config.get_cfg(args.config, opts)
-    print(f"CPU capability {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads; "
-          f"run {module_config.get_run_dir(cfg)}")
-    weights = module_config.get_detector_path(cfg)
-    missing = [p for p in (weights, module_config.get_classifier_path(cfg)) if not p.is_file()]
-    if missing:  # as bench_detect.py: `make bench` goes on
-        print(f"SKIPPED: the run has no trained models to benchmark ({missing[0]} is missing); `make demo` trains "
-              "the demo's, or pass --run")
+    cfg = get_run_cfg(args)
+    if cfg is None:
         return 0
+    weights = module_config.get_detector_path(cfg)
     trained = int(torch.load(weights, map_location="cpu", weights_only=False).get(
         "input_size", module_config.get_stages(cfg)[-1].size))
     target = float(cfg.SUBMIT.TARGET_EMPTY_FRACTION)

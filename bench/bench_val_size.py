@@ -43,12 +43,37 @@ import module_synthetic  # noqa: E402
 import module_tuning  # noqa: E402
 
 
-def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"), help="grids and guard from here")
+def add_pool_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The arguments of the scripts that score a run's models on the generated pool (this one,
+    bench_test_size.py)."""
+    parser.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"), help="grids, guard, target from here")
     parser.add_argument("--run", default=None, help="run folder with the models (default the config's)")
-    parser.add_argument("--n-pool", type=int, default=1000, help="independent generated tiles to draw from")
+    parser.add_argument("--n-pool", type=int, default=1000, help="independent generated tiles")
     parser.add_argument("--seed", type=int, default=11, help="the pool's generator seed (the demo's data: 0)")
+    return parser
+
+
+def get_run_cfg(args):
+    """The config of ``args`` (``--run`` pointing at the run folder), or None, said so, where the
+    run has no trained models: as bench_detect.py, so that `make bench` goes on."""
+    opts = list(args.opts or [])
+    if args.run:
+        run = Path(args.run)
+        opts += ["PATHS.RUNS_DIR", str(run.parent), "PATHS.RUN_NAME", run.name]
+    cfg = module_config.get_cfg(args.config, opts)
+    print(f"CPU capability {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads; "
+          f"run {module_config.get_run_dir(cfg)}")
+    missing = [p for p in (module_config.get_detector_path(cfg), module_config.get_classifier_path(cfg))
+               if not p.is_file()]
+    if missing:
+        print(f"SKIPPED: the run has no trained models to benchmark ({missing[0]} is missing); `make demo` trains "
+              "the demo's, or pass --run")
+        return None
+    return cfg
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = add_pool_args(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]))
     parser.add_argument("--sizes", default="100,150,220,300", help="validation sizes; the first is the baseline")
     parser.add_argument("--draws", type=int, default=150, help="draws per size")
     parser.add_argument("--bootstrap", type=int, default=400, help="guard resamples per draw (the tuner's: 1000)")
@@ -115,18 +140,8 @@ def simulate(sweep: module_tuning.Sweep, size: int, draws: int, target: float, c
 
 def main(args) -> int:
     logging.basicConfig(level=logging.WARNING)
-    opts = list(args.opts or [])
-    if args.run:
-        run = Path(args.run)
-        opts += ["PATHS.RUNS_DIR", str(run.parent), "PATHS.RUN_NAME", run.name]
-    cfg = module_config.get_cfg(args.config, opts)
-    print(f"CPU capability {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads; "
-          f"run {module_config.get_run_dir(cfg)}")
-    missing = [p for p in (module_config.get_detector_path(cfg), module_config.get_classifier_path(cfg))
-               if not p.is_file()]
-    if missing:  # as bench_detect.py: `make bench` goes on
-        print(f"SKIPPED: the run has no trained models to benchmark ({missing[0]} is missing); `make demo` trains "
-              "the demo's, or pass --run")
+    cfg = get_run_cfg(args)
+    if cfg is None:
         return 0
     cache, _ = get_pool_cache(cfg, args.n_pool, args.seed)
     submit = cfg.SUBMIT
