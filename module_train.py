@@ -53,7 +53,7 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -69,6 +69,7 @@ from detectron2.engine.train_loop import HookBase
 from detectron2.evaluation import COCOEvaluator
 from detectron2.modeling import build_model
 from detectron2.solver import build_lr_scheduler, build_optimizer
+from detectron2.solver.lr_scheduler import LRMultiplier
 from detectron2.structures import BitMasks, BoxMode, Instances
 from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
@@ -684,6 +685,29 @@ class _StageTimeUp(BaseException):
     ``Exception``, so detectron2's trainer does not log it as a crash)."""
 
 
+class DeadlineLRMultiplier(LRMultiplier):
+    """detectron2's ``LRMultiplier`` whose schedule runs by iterations or by the stage's clock,
+    whichever is further on: ``where = max(iteration / max_iter, clock())``.
+
+    A stage that its time budget cuts short (the machine slowed after the probe) would otherwise
+    end at its full LR, before the decays at ``DETECTOR.LR_DECAY_AT``, and keep noisy weights:
+    with the clock (:meth:`StopGuard.time_fraction`) the decays come on time. On schedule the two
+    agree; ``clock`` None is plain ``LRMultiplier``. The state saved is ``LRMultiplier``'s.
+    """
+
+    def __init__(self, optimizer, multiplier, max_iter: int, last_iter: int = -1,
+                 clock: Callable[[], float] | None = None):
+        self._clock = clock  # before super().__init__, which computes the first LR
+        super().__init__(optimizer, multiplier, max_iter, last_iter)
+
+    def get_lr(self) -> list[float]:
+        where = self.last_epoch / self._max_iter
+        if self._clock is not None:
+            where = max(where, min(float(self._clock()), 1.0))
+        multiplier = self._multiplier(where)
+        return [base_lr * multiplier for base_lr in self.base_lrs]
+
+
 class StopGuard(HookBase):
     """Ends a stage cleanly on SIGTERM / SIGINT, or when it overruns its deadline (time budget).
 
@@ -717,6 +741,20 @@ class StopGuard(HookBase):
         if done < 5 or self.planned_s_per_iter <= 0:
             return self.validation_s
         return self.validation_s * max(1.0, (now - started) / done / self.planned_s_per_iter)
+
+    def time_fraction(self, now: float | None = None) -> float:
+        """How far the stage is through its time, 0 to 1: from where this call started (its share
+        of the iterations already done, for a resumed stage) to the deadline less the closing
+        validation's reserve; 0 without a deadline or before training starts."""
+        if self.deadline is None or self._started is None:
+            return 0.0
+        now = time.time() if now is None else now
+        started, first = self._started
+        done_before = first / max(1, self.stage.iterations)
+        span = self.deadline - self.reserve_s(now) - started
+        if span <= 0:
+            return 1.0
+        return min(1.0, done_before + (1.0 - done_before) * max(0.0, now - started) / span)
 
     def _handle(self, signum, frame) -> None:
         if self.received is not None and signum == signal.SIGINT:
@@ -985,8 +1023,13 @@ def build_stage_trainer(cfg: CfgNode, stage: Stage, train_dicts: Sequence[dict],
     scheduler = build_lr_scheduler(model_cfg, optimizer)
     model = wrap_distributed(model, device)
     checkpointer = AtomicCheckpointer(
-        model, str(stage_dir), extra_state={"stage": stage.index, "input_size": stage.size}, optimizer=optimizer, scheduler=scheduler
+        model, str(stage_dir), extra_state={"stage": stage.index, "input_size": stage.size}, optimizer=optimizer
     )
+    stop_guard = StopGuard(checkpointer, stage, deadline, validation_s, planned_s_per_iter)
+    if deadline is not None:  # the LR decays come on time also when the budget cuts the stage short
+        scheduler = DeadlineLRMultiplier(optimizer, scheduler._multiplier, scheduler._max_iter,
+                                         clock=stop_guard.time_fraction)
+    checkpointer.add_checkpointable("scheduler", scheduler)
     loaded = checkpointer.resume_or_load(init_weights, resume=resume)
     start_iter = loaded.get("iteration", -1) + 1 if resume and checkpointer.has_checkpoint() else 0
 
@@ -1028,7 +1071,7 @@ def build_stage_trainer(cfg: CfgNode, stage: Stage, train_dicts: Sequence[dict],
             RetainingPeriodicCheckpointer(checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD, max_iter=stage.iterations,
                                           max_to_keep=cfg.DETECTOR.MAX_CHECKPOINTS_KEPT or None),
             # last: a stop comes after this iteration's writes
-            StopGuard(checkpointer, stage, deadline, validation_s, planned_s_per_iter),
+            stop_guard,
         ]
     )
     return trainer

@@ -105,6 +105,42 @@ def test_training_stops_early_enough_for_the_closing_validation():
         guard.after_step()
 
 
+def test_a_stage_cut_by_its_deadline_still_reaches_its_lr_decays():
+    """The schedule runs by iterations or by the stage's clock, whichever is further on: a stage
+    running at half its planned speed decays its LR on time, not never."""
+    from detectron2.solver.lr_scheduler import LRMultiplier
+    from fvcore.common.param_scheduler import MultiStepParamScheduler
+
+    guard = module_train.StopGuard(None, Stage(1, 64, 100, 0.1, 0), deadline=200.0)
+    assert guard.time_fraction(now=50.0) == 0.0  # before training
+    guard._started = (100.0, 0)
+    assert guard.time_fraction(now=150.0) == pytest.approx(0.5) and guard.time_fraction(now=250.0) == 1.0
+    guard._started = (100.0, 50)  # resumed at iteration 50 of 100: half done before this call
+    assert guard.time_fraction(now=150.0) == pytest.approx(0.75)
+    now = {"t": 0.0}
+    guard._started, guard.trainer = (0.0, 0), types.SimpleNamespace(iter=0, start_iter=0, max_iter=100)
+    steps = MultiStepParamScheduler([1.0, 0.1, 0.01], milestones=[75, 90], num_updates=100)
+
+    def lr_after(scheduler_class, iterations, seconds_per_iter, **kwargs):
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+        scheduler = scheduler_class(optimizer, steps, max_iter=100, **kwargs)
+        for i in range(iterations):
+            now["t"] = (i + 1) * seconds_per_iter
+            optimizer.step()
+            scheduler.step()
+        return optimizer.param_groups[0]["lr"], scheduler
+
+    clock = {"clock": lambda: guard.time_fraction(now["t"])}
+    # at half the planned speed (4 s an iteration where 2 were planned): cut at iteration 50
+    assert lr_after(LRMultiplier, 49, 4.0)[0] == pytest.approx(0.1)  # by iterations: never decayed
+    lr, scheduler = lr_after(module_train.DeadlineLRMultiplier, 49, 4.0, **clock)
+    assert lr == pytest.approx(0.001)  # by the clock: both decays before the cut
+    assert set(scheduler.state_dict()) == {"base_lrs", "last_epoch"}  # the clock is not saved
+    # on schedule the two agree
+    assert lr_after(module_train.DeadlineLRMultiplier, 80, 2.0, **clock)[0] == pytest.approx(
+        lr_after(LRMultiplier, 80, 2.0)[0]) == pytest.approx(0.01)
+
+
 # ---------------------------------------------------------------- a real tiny run
 def test_a_tiny_detector_run_with_a_budget_ends_with_the_planned_iterations(tiny_cfg, caplog, monkeypatch):
     cfg = tiny_cfg("DETECTOR.STAGES", "[[64, 4, 0.01, 1]]", "DETECTOR.TIME_BUDGET_MIN", "0.25",
