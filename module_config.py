@@ -177,7 +177,8 @@ def add_airbus_config(cfg: CN) -> CN:
     # Validate on at most this many validation images (an even spread over the split; 0: all).
     cfg.DETECTOR.EVAL_MAX_IMAGES = 1000
     cfg.DETECTOR.EVAL_BATCH_SIZE = 8  # images per forward pass in the validation hook
-    # Each stage's LR drops by SOLVER.GAMMA at these fractions of its iterations.
+    # Each stage's LR drops by SOLVER.GAMMA at these fractions of its iterations (under a time
+    # budget: of its iterations or of its time, whichever comes first; module_train.DeadlineLRMultiplier).
     cfg.DETECTOR.LR_DECAY_AT = [0.75, 0.9]
     # With MODEL.WEIGHTS "" (random init) the ResNet uses this norm instead of FrozenBN, and
     # BACKBONE.FREEZE_AT becomes 0: "BN", "GN" or "SyncBN" (multi-GPU only).
