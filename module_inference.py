@@ -188,6 +188,14 @@ def get_default_weights_path(cfg) -> Path:
                             "train with module_train.py (or the notebook), or pass --weights")
 
 
+def get_input_sizes(cfg, checkpoint: dict) -> tuple[int, int]:
+    """``(predict at, trained at)`` for a detector checkpoint's dict (or its extra state): the
+    stage size recorded in it (the last stage's for files that record none), and
+    ``DETECTOR.TEST_SIZE`` where set, else that size."""
+    trained = int(checkpoint.get("input_size", get_stages(cfg)[-1].size))
+    return int(cfg.DETECTOR.TEST_SIZE) or trained, trained
+
+
 def load_detector(cfg, weights: str | os.PathLike | None = None) -> torch.nn.Module:
     """The Mask R-CNN of ``cfg`` with ``weights`` (default: the run's, :func:`get_default_weights_path`)
     loaded, in eval mode on ``cfg.MODEL.DEVICE`` (on a CPU with channels-last weights: faster, and
@@ -205,8 +213,7 @@ def load_detector(cfg, weights: str | os.PathLike | None = None) -> torch.nn.Mod
         raise FileNotFoundError(f"detector weights {weights!r} do not exist")
     model = build_model(get_model_cfg(cfg))
     extra = DetectionCheckpointer(model).load(resolve_weights(weights))
-    model.trained_size = int(extra.get("input_size", get_stages(cfg)[-1].size))
-    model.input_size = int(cfg.DETECTOR.TEST_SIZE) or model.trained_size
+    model.input_size, model.trained_size = get_input_sizes(cfg, extra)
     if next(model.parameters()).device.type == "cpu":
         # oneDNN's NHWC convolutions: 1.20x images/s on AVX-512, 1.13x on AVX2, the same masks
         # (bench/bench_cpu_precision.py: mean mask IoU 1.0000, every instance matched)

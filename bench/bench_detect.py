@@ -152,9 +152,8 @@ def run_sahi(cfg, scene: dict, overlap: int) -> dict:
     config_path.write_text(model_cfg.dump())
     import torch
 
-    # What module_inference.load_detector predicts at: DETECTOR.TEST_SIZE, else the checkpoint's stage size.
-    input_size = int(cfg.DETECTOR.TEST_SIZE) or int(
-        torch.load(weights, map_location="cpu", weights_only=False).get("input_size", model_cfg.INPUT.MIN_SIZE_TEST))
+    # what module_inference.load_detector predicts at
+    input_size, _ = module_inference.get_input_sizes(cfg, torch.load(weights, map_location="cpu", weights_only=False))
     model = Detectron2DetectionModel(model_path=str(weights), config_path=str(config_path),
                                      confidence_threshold=thresholds.score, image_size=input_size, device="cpu",
                                      category_mapping={"0": "ship"}, load_at_init=True)

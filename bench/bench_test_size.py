@@ -29,6 +29,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import module_config  # noqa: E402
+import module_inference  # noqa: E402
 import module_tuning  # noqa: E402
 from bench.bench_val_size import add_pool_args, get_pool_cache, get_run_cfg  # noqa: E402
 
@@ -46,8 +47,7 @@ def main(args) -> int:
     if cfg is None:
         return 0
     weights = module_config.get_detector_path(cfg)
-    trained = int(torch.load(weights, map_location="cpu", weights_only=False).get(
-        "input_size", module_config.get_stages(cfg)[-1].size))
+    _, trained = module_inference.get_input_sizes(cfg, torch.load(weights, map_location="cpu", weights_only=False))
     target = float(cfg.SUBMIT.TARGET_EMPTY_FRACTION)
     if not 0 < target < 1:
         raise SystemExit(f"SUBMIT.TARGET_EMPTY_FRACTION is {target}: give the pool's share (0.78) on the command line")
