@@ -150,6 +150,13 @@ def add_airbus_config(cfg: CN) -> CN:
     # Wall-clock budget of classifier training in minutes (0: train CLASSIFIER.EPOCHS as set). A
     # timed probe of a few batches after warmup sets the number of epochs that ends inside it.
     cfg.CLASSIFIER.TIME_BUDGET_MIN = 0.0
+    # Weight of an auxiliary training loss (0: off): a 1x1 convolution on the ResNet's layer3
+    # features predicts which cells of the image (16 x 16 px at the classifier's size) hold ship
+    # pixels, learnt from the ground-truth masks (module_classifier.ShipCellsModel, ShipCellsLoss).
+    # Training only: the export and p_ship are the plain classifier's. From random init on the
+    # demo's data it learns where ships are much sooner (configs/demo.yaml uses 1.0; BENCHMARKS.md);
+    # with ImageNet weights on Kaggle's data untested here.
+    cfg.CLASSIFIER.CELL_LOSS_WEIGHT = 0.0
 
     # ---------------------------------------------------------------- detector
     cfg.DETECTOR = CN()
@@ -395,6 +402,7 @@ VALID: dict[str, tuple[Callable, str]] = {
     "CLASSIFIER.INT8_CALIBRATION_IMAGES": POSITIVE_INT,
     "CLASSIFIER.TIME_BUDGET_MIN": _number(0),
     "CLASSIFIER.WIDTH": _number(0.125, 4),
+    "CLASSIFIER.CELL_LOSS_WEIGHT": _number(0),
     "DETECTOR.EMPTY_FRACTION": FRACTION,
     "DETECTOR.CROP_SIZE": COUNT,
     "DETECTOR.HFLIP_PROB": PROBABILITY,

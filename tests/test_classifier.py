@@ -19,6 +19,7 @@ from PIL import Image
 
 import module_classifier as mc
 import module_config
+from module_rle import masks_to_coco
 
 LR = ["CLASSIFIER.LR", "1e-3"]  # pinned: the demo's LR (tiny inherits it) is tuned for 1,000 images; 24 saturate
 
@@ -30,7 +31,10 @@ def write_tile(path: Path, rng: np.random.Generator, ship: bool, size: int = 64)
     if ship:
         y, x = rng.integers(4, size - 16, 2)
         pixels[y:y + 4, x:x + 12] = 235
-        annotations = [{"bbox": [int(x), int(y), 12, 4], "category_id": 0, "iscrowd": 0}]
+        mask = np.zeros((size, size), bool)
+        mask[y:y + 4, x:x + 12] = True
+        annotations = [{"bbox": [int(x), int(y), 12, 4], "category_id": 0, "iscrowd": 0,
+                        "segmentation": masks_to_coco(mask[None])[0]}]
     Image.fromarray(pixels).save(path)
     return {"file_name": str(path), "height": size, "width": size, "image_id": path.name,
             "annotations": annotations}
@@ -580,6 +584,73 @@ def test_a_half_width_resnet_trains_exports_and_predicts(tiles, tiny_cfg):
     half = sum(p.numel() for p in mc.narrow_resnet("resnet18", 0.5).parameters())
     assert half < 0.3 * full  # a quarter of the weights (and of the multiply-adds), plus the wider fc's
     p_ship = mc.predict_p_ship(learn, [d["file_name"] for d in val_dicts])["p_ship"]
+    assert len(p_ship) == len(val_dicts) and p_ship.between(0, 1).all()
+
+
+def test_ship_mask_keeps_a_ship_of_a_few_pixels_at_the_classifiers_size():
+    """ShipMask: the union of a tile's ships, each output pixel the maximum of the pixels it covers."""
+    mask = np.zeros((256, 256), bool)
+    mask[101, 50:53] = True  # a 1 x 3 px ship: a nearest resize to 64 px could drop it
+    other = np.zeros((256, 256), bool)
+    other[200:208, 8:40] = True
+    row = {"file_name": "a.jpg", "segmentation": masks_to_coco(np.stack([mask, other]))}
+    small = mc.ShipMask(64)(row)
+    expected = np.zeros((64, 64), np.uint8)
+    expected[25, 12:14] = 1  # rows 100-103 -> 25; columns 48-51 and 52-55 -> 12, 13
+    expected[50:52, 2:10] = 1
+    assert small.dtype == np.uint8 and np.array_equal(small, expected)
+    assert not mc.ShipMask(64)({"file_name": "b.jpg", "segmentation": []}).any()
+    with pytest.raises(ValueError, match="c.jpg: an annotation without a 'segmentation'"):
+        mc.ShipMask(64)({"file_name": "c.jpg", "segmentation": [None]})
+
+
+def test_the_cell_loss_trains_the_cell_head_and_the_export_is_the_plain_classifier(tiles, tiny_cfg):
+    """CLASSIFIER.CELL_LOSS_WEIGHT: batches carry the ship masks, flipped and rotated with the
+    images; the training loss adds the cell loss (its weight moves the loss), the cell head learns,
+    and the export is fastai's plain (body, head), predicting as any other."""
+    _, train_dicts, val_dicts = tiles
+    frame = mc.get_label_frame(train_dicts, val_dicts)
+    cfg = tiny_cfg("CLASSIFIER.CELL_LOSS_WEIGHT", "1.0", "CLASSIFIER.MAX_ROTATE", "0", *LR)
+    dls = mc.build_dataloaders(cfg, frame)
+    images, masks, labels = dls.valid.one_batch()  # validation: no augmentation
+    assert masks.shape == (len(images), cfg.CLASSIFIER.IMAGE_SIZE, cfg.CLASSIFIER.IMAGE_SIZE)
+    for image, mask, label in zip(images, masks, labels):  # the mask is where the bright hull is
+        assert bool(mask.any()) == bool(label == mc.CLASSES.index(mc.SHIP))
+        if mask.any():
+            grey = image.mean(0)
+            assert grey[mask.bool()].mean() > grey[~mask.bool()].mean() + 1.0  # normalized: hull 235, sea ~70
+
+    learn = mc.build_learner(cfg, dls, mc.get_loss(cfg, frame), Path(cfg.PATHS.RUNS_DIR))
+    assert isinstance(learn.model, mc.ShipCellsModel) and any(isinstance(cb, mc.ShipCellsLoss) for cb in learn.cbs)
+    start = learn.model[2].weight.detach().clone()
+    seen = {}
+
+    class Spy(mc.Callback):
+        order = 50  # after ShipCellsLoss (0)
+
+        def after_loss(self):
+            if self.training:
+                plain = learn.loss_func(self.learn.pred, *self.learn.yb)
+                seen.setdefault("added", []).append(float(self.learn.loss_grad - plain))
+                seen["cells"] = tuple(learn.model.cells.shape)
+
+    mc.set_seed(0)
+    learn.fit_one_cycle(1, 1e-3, cbs=[Spy()])  # ShipCellsLoss: the learner's own
+    side = cfg.CLASSIFIER.IMAGE_SIZE // 16
+    assert seen["cells"] == (cfg.CLASSIFIER.BATCH_SIZE, 1, side, side)  # layer3: stride 16
+    assert all(added > 0 for added in seen["added"])  # the cell loss was added to every training batch
+    assert not torch.equal(learn.model[2].weight, start)  # and the cell head learnt from it
+    assert learn.model.cells is None  # nothing kept after the batch
+    train_loss, valid_loss, *metrics = learn.recorder.values[-1]  # validation ran on labels alone
+    assert np.isfinite(valid_loss) and len(metrics) == len(learn.recorder.metric_names) - 4
+
+    export = mc.train_classifier(cfg, train_dicts, val_dicts)["export"]
+    exported = mc.load_classifier(export)
+    assert type(exported.model) is torch.nn.Sequential and len(exported.model) == 2  # the plain classifier
+    assert not any(isinstance(cb, mc.ShipCellsLoss) for cb in exported.cbs)
+    label, _, probs = exported.predict(val_dicts[0]["file_name"])  # the usual fastai call decodes
+    assert label in mc.CLASSES and probs.shape == (2,)
+    p_ship = mc.predict_p_ship(mc.load_classifier(export), [d["file_name"] for d in val_dicts])["p_ship"]
     assert len(p_ship) == len(val_dicts) and p_ship.between(0, 1).all()
 
 
