@@ -83,6 +83,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def get_pool_dicts(size: int, n_pool: int, seed: int, parent: Path) -> list[dict]:
+    """The dataset dicts of ``n_pool`` independent generated tiles of ``size`` px (module_synthetic,
+    seed ``seed``), generated once into ``parent/pool_<n>_<size>px_seed<seed>``."""
+    pool_dir = Path(parent) / f"pool_{n_pool}_{size}px_seed{seed}"
+    paths = module_synthetic.get_dataset_paths(pool_dir)
+    if not paths["test_truth"].is_file():
+        module_synthetic.generate_dataset(pool_dir, 0, n_pool, seed=seed, image_size=size, overwrite=True)
+    return module_preprocessing.load_dataset_dicts(paths["test_truth"], paths["test_images"], image_size=size)
+
+
 def get_pool_cache(cfg, n_pool: int, seed: int) -> tuple[list[module_tuning.TuneImage], float]:
     """Both models' outputs on the generated pool, cached under the run's folder (one file per
     ``DETECTOR.TEST_SIZE``: bench_test_size.py compares them), and the seconds the models took."""
@@ -97,11 +107,7 @@ def get_pool_cache(cfg, n_pool: int, seed: int) -> tuple[list[module_tuning.Tune
         stored = pickle.loads(cache_path.read_bytes())
         if stored.get("fingerprint") == fingerprint:
             return stored["images"], stored.get("seconds", float("nan"))
-    pool_dir = cache_path.parent / f"pool_{n_pool}_{size}px_seed{seed}"
-    paths = module_synthetic.get_dataset_paths(pool_dir)
-    if not paths["test_truth"].is_file():
-        module_synthetic.generate_dataset(pool_dir, 0, n_pool, seed=seed, image_size=size, overwrite=True)
-    dicts = module_preprocessing.load_dataset_dicts(paths["test_truth"], paths["test_images"], image_size=size)
+    dicts = get_pool_dicts(size, n_pool, seed, cache_path.parent)
     started = time.perf_counter()
     cache = module_tuning.collect_tune_cache(
         dicts, module_inference.build_detect_fn(cfg, weights), module_inference.build_p_ship_fn(cfg, classifier),
