@@ -108,8 +108,10 @@ def classifier_inference(config: str, paths, rounds: int, runs_dir: Path, extra:
     """images/s of predict_p_ship (no TTA) with the config's classifier, trained for a few batches."""
     import module_classifier
 
+    # labels made up (no masks): the cell loss (training only) stays off; prediction is the same model
     cfg = module_config.get_cfg(config, [*extra, "PATHS.RUNS_DIR", str(runs_dir), "PATHS.RUN_NAME", "classifier",
-                                         "CLASSIFIER.PRETRAINED", "False", "CLASSIFIER.EPOCHS", "1"])
+                                         "CLASSIFIER.PRETRAINED", "False", "CLASSIFIER.EPOCHS", "1",
+                                         "CLASSIFIER.CELL_LOSS_WEIGHT", "0"])
     half = len(paths) // 2
     dicts = [{"file_name": str(p), "image_id": Path(p).name, "annotations": [{}] if k % 2 else []}
              for k, p in enumerate(paths)]

@@ -233,7 +233,9 @@ def assert_detector_resnet_computes_the_body(cfg, state: dict, body: torch.nn.Mo
         expected = body(((rgb / 255 - mean) / std)[None])
         bgr = rgb.flip(0)  # INPUT.FORMAT BGR, 0-255
         got = model.backbone.bottom_up(((bgr - model.pixel_mean) / model.pixel_std)[None])["res5"]
-    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    # fp32 through 18 layers by two convolution paths: a trained body's features (up to ~10) differ
+    # in the 4th digit (one element in 2,048 by 2e-4 relative, a cell-loss-trained body)
+    torch.testing.assert_close(got, expected, atol=1e-3, rtol=1e-3)
     return got
 
 
