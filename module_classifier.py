@@ -356,8 +356,9 @@ class ShipCellsModel(torch.nn.Sequential):
     LAYER3_END = 7  # fastai's ResNet body: conv1, bn1, relu, maxpool, layer1, layer2, layer3 | layer4
 
     def __init__(self, body: torch.nn.Module, head: torch.nn.Module):
-        with torch.no_grad():
-            channels = body[:self.LAYER3_END](torch.zeros(1, 3, 64, 64)).shape[1]
+        # layer3's output channels: its last BatchNorm's (no forward pass: that would move the
+        # BatchNorm statistics, pretrained ones included)
+        channels = [m for m in body[:self.LAYER3_END].modules() if isinstance(m, torch.nn.BatchNorm2d)][-1].num_features
         super().__init__(body, head, torch.nn.Conv2d(channels, 1, kernel_size=1))
         self.cells: torch.Tensor | None = None
 

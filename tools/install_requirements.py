@@ -100,17 +100,18 @@ def main(argv=None) -> int:
     if not Path(args.requirements).is_file():
         print(f"install_requirements: {args.requirements}: file not found", file=sys.stderr)
         return 2
-    uv = None if args.pip or os.environ.get("AIRBUS_INSTALLER") == "pip" else find_uv()
+    if args.pip or os.environ.get("AIRBUS_INSTALLER") == "pip":
+        return pip_install(args.requirements, quiet=not args.verbose)
+    uv = find_uv()
     if uv is None:
-        if not args.pip and os.environ.get("AIRBUS_INSTALLER") != "pip":
-            print("install_requirements: uv not found beside the interpreter nor on PATH; installing with pip "
-                  "(slower)", file=sys.stderr)
+        print("install_requirements: uv not found beside the interpreter nor on PATH; installing with pip "
+              "(slower)", file=sys.stderr)
         return pip_install(args.requirements, quiet=not args.verbose)
     listed = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True)
     config = parse_pip_config(listed.stdout if listed.returncode == 0 else "")
     cmd, extra_env = uv_command(uv, sys.executable, args.requirements, config)
     if not args.verbose:
-        cmd.insert(3, "--quiet")
+        cmd.append("--quiet")
     code = subprocess.call(cmd, env={**os.environ, **extra_env})
     if code != 0:
         print(f"install_requirements: uv failed (exit {code}): {shlex.join(cmd)}\n"
