@@ -16,7 +16,8 @@ the same score threshold, each in its own process so that its peak RSS is its ow
 Printed: seconds, slices/s, peak RSS and its rise over the process's RSS once the models are
 loaded; ratios against the named baseline; ships found, and agreement: gated against ungated on
 the ship-bearing cells, ours against SAHI's everywhere (instances matched one to one, greedily by
-score, at mask IoU >= 0.9).
+score, at mask IoU >= 0.9); and the true ships each finds (the mosaic's ground truth, from the
+test tiles' truth CSV, matched at mask IoU >= 0.5).
 
     .venv/bin/python bench/bench_detect.py --config configs/demo.yaml [--run runs/demo] [--grid 16] [KEY VALUE ...]
 
@@ -47,9 +48,11 @@ import module_config  # noqa: E402
 import module_detect  # noqa: E402
 import module_inference  # noqa: E402
 from module_files import list_images, read_segmentation_csv  # noqa: E402
+from module_rle import rle_decode  # noqa: E402
 
 METHODS = ("gated", "ungated", "sahi")
 MATCH_IOU = 0.9
+TRUTH_IOU = 0.5  # the competition's loosest threshold
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -106,8 +109,15 @@ def build_scene(cfg, grid: int, sea: float, seed: int, out: Path) -> dict:
             sources.append(sea_tiles[int(rng.integers(len(sea_tiles)))])
     module_detect.write_mosaic(sources, grid, path, crs=CRS.from_epsg(32631),
                                transform=Affine.translation(500_000, 4_650_000) * Affine.scale(3, -3))
+    rles = truth.loc[truth["EncodedPixels"] != ""].groupby("ImageId")["EncodedPixels"].apply(list)
+    true_ships = []
+    for cell in sorted(ship_cells):
+        r, c = divmod(cell, grid)
+        for rle in rles[sources[cell].name]:
+            mask = rle_decode(rle, (tile, tile), image_id=sources[cell].name)
+            true_ships.append(module_detect.mask_to_detection(mask, r * tile, c * tile, 1.0).to_json())
     return {"path": str(path), "tile": tile, "ship_cells": sorted(divmod(c, grid) for c in ship_cells),
-            "n_ship_tiles_available": len(ship_tiles)}
+            "n_ship_tiles_available": len(ship_tiles), "true_ships": true_ships}
 
 
 # ---------------------------------------------------------------- one method, in its own process
@@ -187,12 +197,17 @@ def run_sahi(cfg, scene: dict, overlap: int) -> dict:
 # ---------------------------------------------------------------- agreement
 def match(a: list, b: list, iou: float = MATCH_IOU) -> int:
     """Instances of ``a`` and ``b`` (Detection JSON) matched one to one, greedily by ``a``'s score, at mask IoU >= ``iou``."""
+    return len(matched_of(a, b, iou))
+
+
+def matched_of(a: list, b: list, iou: float = MATCH_IOU) -> set:
+    """The indices into ``a`` of the instances :func:`match` matches."""
     ships_a = [module_detect.Detection.from_json(s) for s in a]
     ships_b = [module_detect.Detection.from_json(s) for s in b]
     masks_b = [s.decode() for s in ships_b]
     used = set()
-    matched = 0
-    for ship in sorted(ships_a, key=lambda s: -s.score):
+    matched = set()
+    for index, ship in sorted(enumerate(ships_a), key=lambda item: -item[1].score):
         mask = ship.decode()
         best, best_iou = None, 0.0
         for k, (other, other_mask) in enumerate(zip(ships_b, masks_b)):
@@ -213,7 +228,7 @@ def match(a: list, b: list, iou: float = MATCH_IOU) -> int:
                 best, best_iou = k, value
         if best is not None and best_iou >= iou:
             used.add(best)
-            matched += 1
+            matched.add(index)
     return matched
 
 
@@ -287,6 +302,14 @@ def main(args) -> int:
         print(f"  ships on the ship-bearing cells: gated {len(a)}, ungated {len(b)}, matched {match(a, b)} "
               f"(IoU >= {MATCH_IOU}); on open sea: gated {len(gated['ships']) - len(a)}, "
               f"ungated {len(ungated['ships']) - len(b)}")
+    truth = scene.get("true_ships", [])
+    if truth:
+        found = {name: matched_of(truth, r["ships"], TRUTH_IOU) for name, r in results.items()}
+        print(f"  true ships found (the mosaic's ground truth, matched one to one at mask IoU >= {TRUTH_IOU}): "
+              + ", ".join(f"{name} {len(n)}" for name, n in found.items()) + f" of {len(truth)}"
+              + (f"; found by ungated and missed by gated: {len(found['ungated'] - found['gated'])}, "
+                 f"by gated and not ungated: {len(found['gated'] - found['ungated'])}"
+                 if {"gated", "ungated"} <= found.keys() else ""))
     if "sahi" in results and "gated" in results:
         for name in ("gated", "ungated"):
             if name not in results:
