@@ -91,7 +91,11 @@ def test_every_real_detection_kept_is_made_overlap_free(tiny_cfg, tiny_paths, ti
     assert len(mine) > 1  # several of the overlapping masks kept what no higher-scoring mask took
     kept = np.stack([rle_decode(r, (cfg.DATA.IMAGE_SIZE, cfg.DATA.IMAGE_SIZE)) for r in mine])
     assert kept.sum(axis=0).max() == 1
-    assert (kept.sum(axis=0) > 0).sum() == raw["masks"].any(axis=0).sum()  # every pixel of a detection is kept once
+    # Every pixel of a detection is kept once. The CLI predicts this image in a batch with others,
+    # and a different batch shape can move a mask logit across 0.5 at a pixel (2,632 against 2,631
+    # pixels on an AVX2-only EPYC), so the two unions may differ by a few pixels, no more.
+    union, raw_union = kept.sum(axis=0) > 0, raw["masks"].any(axis=0)
+    assert np.count_nonzero(union != raw_union) <= max(4, raw_union.sum() // 500)
 
 
 def test_tune_on_validation_split_feeds_predict(tiny_trained, predict, tiny_config, tmp_path, capsys, caplog):
