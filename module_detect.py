@@ -10,6 +10,11 @@ models' working size (``DETECT.TILE_SIZE``, by default ``DATA.IMAGE_SIZE``) over
     all slices --> merge across slice borders --> overlap removal between ships --> min area
                --> per ship: outline, area, minimum-area rotated rectangle --> outputs
 
+* **The gate** keeps a slice when its p_ship reaches the run's tuned classifier threshold, lowered
+  to the scene gate (``DETECT.GATE_SHIP_RECALL``, ``module_inference.get_scene_thresholds``): the
+  submission's threshold is tuned for the Kaggle F2 and drops ship tiles; in a scene the gate is
+  there for speed, and keeps the share of the validation ships the detector finds that the key
+  says. ``SUBMIT.CLASSIFIER_THRESHOLD`` on the command line wins; 0 turns the gate off.
 * **Reading** (:func:`open_scene`): GeoTIFFs through rasterio, in windows (a 20,000 px scene is
   never in memory at full resolution): bands ``DETECT.BANDS`` as RGB, 8-bit data as they are and
   other types stretched per band from the ``DETECT.STRETCH_PERCENTILES`` (2-98) of a decimated
@@ -77,7 +82,7 @@ from module_config import DETECT_FORMATS, parse_shard
 from module_files import (TooManyFailures, atomic_path, check_failure_limit, get_failure_report_path, read_image,
                           write_failure_report, write_text_atomic)
 from module_inference import (DetectFn, PShipArrayFn, Thresholds, apply_thresholds, build_detect_fn,
-                              build_p_ship_array_fn, get_thresholds)
+                              build_p_ship_array_fn, get_scene_thresholds)
 from module_rle import masks_to_coco
 
 logger = logging.getLogger(__name__)
@@ -1263,8 +1268,9 @@ def detect(cfg, images: Sequence[str | os.PathLike], out: str | os.PathLike | No
 
     ``out`` (default ``runs/<run>/detect``) receives the outputs (:func:`finish`); ``formats``,
     ``tile``, ``overlap`` and ``geojson_crs`` override ``DETECT.*``. Thresholds come from
-    :func:`module_inference.get_thresholds` (the run's tuned ones; ``overridden`` ``SUBMIT.*`` keys
-    win). ``detect_fn`` / ``p_ship_fn`` replace the run's detector / gate (tests, benchmarks); the
+    :func:`module_inference.get_scene_thresholds` (the run's tuned ones, the gate lowered to keep
+    ``DETECT.GATE_SHIP_RECALL`` of the ships the detector found on validation; ``overridden``
+    ``SUBMIT.*`` keys win). ``detect_fn`` / ``p_ship_fn`` replace the run's detector / gate (tests, benchmarks); the
     gate is off when the classifier threshold is <= 0. Under torchrun every rank calls this; rank 0
     returns the :class:`DetectResult`, the others None. With ``shard`` ``"i/n"`` the part is written
     to ``detect_shard<i>of<n>.json`` in ``out`` (merge them with :func:`merge_part_files`) and its
@@ -1275,7 +1281,7 @@ def detect(cfg, images: Sequence[str | os.PathLike], out: str | os.PathLike | No
     limit_onednn_cache(cfg.DETECT.ONEDNN_CACHE_CAPACITY)
     rank, world_size = init_distributed(cfg.MODEL.DEVICE)
     out_dir = Path(out) if out else module_config.get_detect_dir(cfg)
-    thresholds, sources = get_thresholds(cfg, thresholds_file, overridden=overridden)
+    thresholds, sources = get_scene_thresholds(cfg, thresholds_file, overridden=overridden)
     if rank == 0:
         for key, source in sources.items():
             logger.info("SUBMIT.%s = %s (from %s)", key, thresholds.as_config()[key], source)

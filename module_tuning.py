@@ -33,7 +33,10 @@ How a choice is made, step by step (:func:`tune` on a cache of model outputs):
    bucket (``SUBMIT.SIZE_BUCKET_EDGES``), every combination of the score grid with every minimum
    area, behind the chosen gate; kept only when the gain over the single threshold clears the
    same lower bound (:func:`choose_size_thresholds`).
-6. **Files** into the run folder: thresholds.yaml (:func:`write_thresholds`), the grids as CSV, the
+6. **The scene gate** (:func:`get_scene_gate`): for ``module_detect``, the p_ship of every true
+   ship the detector finds at the chosen thresholds, ungated; scenes are gated at the highest
+   threshold keeping ``DETECT.GATE_SHIP_RECALL`` of them (``module_inference.get_scene_thresholds``).
+7. **Files** into the run folder: thresholds.yaml (:func:`write_thresholds`), the grids as CSV, the
    F2 curves at both shares (``module_plots.plot_tune_prevalence``), the error report of the
    choice (``module_metric.get_error_report``: table and picture) and overlays.
 
@@ -58,6 +61,7 @@ import yaml
 from tqdm.auto import tqdm
 
 import module_config
+import module_inference
 import module_metric
 import module_plots
 from module_config import get_plot_path, get_submission_path
@@ -573,6 +577,38 @@ def evaluate_thresholds(cache: Sequence[TuneImage], thresholds: Thresholds) -> n
     return np.array([outcome.f2 for outcome in get_tune_outcomes(cache, thresholds)[0]])
 
 
+def get_found_ship_p_ship(cache: Sequence[TuneImage], thresholds: Thresholds) -> np.ndarray:
+    """For each true ship the detector finds at ``thresholds`` with the gate left out (matched one to
+    one at IoU > 0.5, as the metric's first threshold), the p_ship of its image; highest first.
+
+    What the scene gate is chosen from (``module_inference.get_scene_gate_threshold``): gating at
+    ``t`` loses exactly the found ships whose value is below ``t``.
+    """
+    outcomes, _ = get_tune_outcomes(cache, dataclasses.replace(thresholds, classifier=0.0))
+    values = [image.p_ship for image, outcome in zip(cache, outcomes) if np.isfinite(image.p_ship)
+              for _ in range(int((outcome.true_iou > 0).sum()))]
+    return np.sort(np.asarray(values, dtype=np.float64))[::-1]
+
+
+def get_scene_gate(cache: Sequence[TuneImage], thresholds: Thresholds, ship_recall: float) -> dict:
+    """thresholds.yaml's ``scene_gate`` block: the found ships' p_ship (floored to 6 decimals, so
+    that the written values never exceed the true ones) and, at ``ship_recall``
+    (``DETECT.GATE_SHIP_RECALL``), the scene gate with the ships it keeps and the share of
+    ship-free validation images it passes, next to the submission's gate."""
+    found = np.floor(get_found_ship_p_ship(cache, thresholds) * 1e6) / 1e6
+    gate = module_inference.get_scene_gate_threshold(found, ship_recall, thresholds.classifier)
+    free = np.array([image.p_ship for image in cache if not image.has_ships], dtype=np.float64)
+    passed = (lambda t: float(np.mean(free >= t)) if len(free) else None)
+    return {"what": "p_ship of the validation image of each true ship the detector finds at these thresholds, "
+                    "ungated; module_detect gates scenes at the highest classifier threshold keeping "
+                    "DETECT.GATE_SHIP_RECALL of them, never above CLASSIFIER_THRESHOLD",
+            "ship_recall": float(ship_recall), "classifier_threshold": gate, "ships_found": int(len(found)),
+            "ships_kept": int(np.sum(found >= gate)), "ship_free_passed": passed(gate),
+            "submission_gate_ships_kept": int(np.sum(found >= thresholds.classifier)),
+            "submission_gate_ship_free_passed": passed(thresholds.classifier),
+            "found_ship_p_ship": [float(v) for v in found]}
+
+
 def get_tune_error_report(cache: Sequence[TuneImage], thresholds: Thresholds, edges: Sequence[float],
                           empty_fraction: float | None = None) -> module_metric.ErrorReport:
     """The error report of ``thresholds`` on the cached validation images (gate known; the
@@ -624,6 +660,7 @@ class TuneResult:
     size_aware: dict = dataclasses.field(default_factory=dict)  # the size-aware thresholds' verdict
     size_grid: pd.DataFrame | None = None  # the size-aware settings tried
     errors: module_metric.ErrorReport | None = None  # the error report of the choice on validation
+    scene_gate: dict = dataclasses.field(default_factory=dict)  # thresholds.yaml's scene_gate (module_detect)
 
     def __iter__(self):
         return iter((self.thresholds, self.f2, self.grid))
@@ -705,6 +742,7 @@ def tune(cache: Sequence[TuneImage], cfg, progress: bool = True, train_empty_fra
                          & (grid["min_area"] == submit.MIN_AREA), "f2"]
     ungated = grid.loc[grid["classifier_threshold"] <= 0, "f2"]  # threshold 0: the detector alone, no gate
     detector_alone_f2 = float(ungated.max()) if len(ungated) else None
+    scene_gate = get_scene_gate(cache, thresholds, float(cfg.DETECT.GATE_SHIP_RECALL))
     write_thresholds(paths["thresholds"], thresholds, validation_f2, {
         "n_validation_images": len(cache),
         "validation_empty_fraction": validation_empty,
@@ -717,6 +755,7 @@ def tune(cache: Sequence[TuneImage], cfg, progress: bool = True, train_empty_fra
         "detector_alone_f2": detector_alone_f2,
         "guard": {**choice.guard, "bootstrap": int(submit.GUARD_BOOTSTRAP), "seed": int(submit.GUARD_SEED)},
         "size_aware": size_aware,
+        module_inference.SCENE_GATE_KEY: scene_gate,
     })
     logger.info("detector alone (classifier threshold 0): best F2 %s; predicting no ship anywhere: F2 %.4f",
                 "not in the grid" if detector_alone_f2 is None else f"{detector_alone_f2:.4f}", validation_empty)
@@ -724,6 +763,13 @@ def tune(cache: Sequence[TuneImage], cfg, progress: bool = True, train_empty_fra
                 "%.1f%% ship-free images (all-empty %.4f); guard: %s", len(cache), thresholds.as_config(),
                 validation_f2, validation_empty, target_f2, 100 * target, target,
                 "off" if choice.guard["passed"] is None else "passed" if choice.guard["passed"] else "fell back")
+    if thresholds.classifier > 0 and scene_gate["ships_found"]:
+        logger.info("scene gate (module_detect, DETECT.GATE_SHIP_RECALL %.2f): p_ship >= %.4f keeps %d of the %d true ships "
+                    "the detector finds on validation and passes %.1f%% of the ship-free images; the submission's "
+                    "gate %.4f keeps %d and passes %.1f%%", scene_gate["ship_recall"], scene_gate["classifier_threshold"],
+                    scene_gate["ships_kept"], scene_gate["ships_found"], 100 * (scene_gate["ship_free_passed"] or 0),
+                    thresholds.classifier, scene_gate["submission_gate_ships_kept"],
+                    100 * (scene_gate["submission_gate_ship_free_passed"] or 0))
     module_plots.save_figure(module_plots.plot_tune_prevalence(
         grid, thresholds if choice.row is not None else None, validation_empty, target, choice.guard),
         paths["plot"], dpi=100)
@@ -731,7 +777,7 @@ def tune(cache: Sequence[TuneImage], cfg, progress: bool = True, train_empty_fra
                                     f"validation split, {len(cache)} images, at the chosen thresholds"))
     module_plots.save_figure(plot_tune_overlays(cache, thresholds, load_image=load_image), paths["overlays"], dpi=80)
     return TuneResult(thresholds, float(validation_f2), grid, paths, float(target), float(target_f2),
-                      choice.guard, size_aware, size_grid, errors)
+                      choice.guard, size_aware, size_grid, errors, scene_gate)
 
 
 def plot_tune_overlays(cache: Sequence[TuneImage], thresholds: Thresholds, count: int = 8,

@@ -7,7 +7,8 @@ the rest holding ships, laid out at random (seeded). Three ways over the same sc
 same detector weights (the run's best), the same slices (``DATA.IMAGE_SIZE``, ``--overlap``) and
 the same score threshold, each in its own process so that its peak RSS is its own:
 
-* **gated**: ``module_detect.detect`` with the run's classifier and tuned thresholds;
+* **gated**: ``module_detect.detect`` with the run's classifier and tuned thresholds, the gate at
+  the scene gate (``DETECT.GATE_SHIP_RECALL``; ``DETECT.GATE_SHIP_RECALL 0``: the submission's gate);
 * **ungated**: the same with the classifier threshold at 0 (the detector on every slice);
 * **sahi**: SAHI 0.12.8's ``get_sliced_prediction`` over ``Detectron2DetectionModel`` (its
   ``DefaultPredictor``, built from the same detectron2 config and weights), GREEDYNMM / IOS 0.5
@@ -130,7 +131,7 @@ def rss_mb() -> float:
 def run_ours(cfg, scene: dict, gated: bool, out: Path, overlap: int, opts=()) -> dict:
     # SUBMIT.* keys given on the command line (e.g. another gate threshold) win over the tuned ones
     overrides = list(opts) if gated else ["SUBMIT.CLASSIFIER_THRESHOLD", "0"]
-    thresholds = module_inference.get_thresholds(cfg, overridden=overrides)[0]
+    thresholds = module_inference.get_scene_thresholds(cfg, overridden=overrides)[0]  # what detect gates at
     detect_fn = module_inference.build_detect_fn(cfg)
     p_ship_fn = module_inference.build_p_ship_array_fn(cfg) if gated and thresholds.classifier > 0 else None
     run_cfg = cfg
@@ -259,9 +260,10 @@ def main(args) -> int:
         return 0
     print(f"CPU capability {torch.backends.cpu.get_cpu_capability()}, torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}, {os.cpu_count()} cores")
-    thresholds, sources = module_inference.get_thresholds(cfg)
+    thresholds, sources = module_inference.get_scene_thresholds(cfg, overridden=args.opts or ())
     print(f"run {module_config.get_run_dir(cfg)}: detector {module_inference.get_default_weights_path(cfg)}, "
-          f"thresholds {thresholds} ({sources})")
+          f"thresholds {thresholds} ({sources}); the submission's gate "
+          f"{module_inference.get_thresholds(cfg, overridden=args.opts or ())[0].classifier}")
     scene = build_scene(cfg, args.grid, args.sea, args.seed, out)
     (out / "scene.json").write_text(json.dumps(scene))
     side = args.grid * scene["tile"]

@@ -402,6 +402,37 @@ def test_a_duplicate_inside_the_band_is_removed_and_sea_tiles_are_gated(fake_cfg
     assert set(steps) == {*md.STEPS, "merge_and_write"} and steps["gate"] > 0 and steps["detector"] == 0
 
 
+def test_scenes_are_gated_at_the_scene_gate_of_the_tuned_thresholds(fake_cfg, tmp_path):
+    """A bright ship in the first slice (p_ship 1.0) and a dim one in the second (p_ship 0.3). The
+    tuned gate 0.9 would drop the dim one; thresholds.yaml's scene gate (its detector found ships
+    at p_ship 1.0 and 0.3 on validation) lowers it to 0.3 and both are found. The command line's
+    classifier threshold and GATE_SHIP_RECALL 0 give the tuned gate back."""
+    import module_tuning
+
+    scene = sea_scene(256, 448)  # slices at columns 0 and 192
+    scene[100:108, 20:60] = 200  # in the first slice only
+    scene[100:108, 380:420] = 150  # in the second only
+    Image.fromarray(scene).save(tmp_path / "two.png")
+
+    def gate(images):
+        return np.array([1.0 if np.any(img == 200) else 0.3 if np.any(img == 150) else 0.0 for img in images])
+
+    thresholds = tmp_path / "thresholds.yaml"
+    module_tuning.write_thresholds(thresholds, module_inference.Thresholds(0.9, 0.5, 0), f2=0.8, extra={
+        module_inference.SCENE_GATE_KEY: {"found_ship_p_ship": [1.0, 0.3]}})
+
+    def run(*overrides, command_line=()):
+        return md.detect(fake_cfg(*overrides, *command_line), [tmp_path / "two.png"], out=tmp_path / "o", tile=256,
+                         overlap=64, thresholds_file=thresholds, overridden=command_line, detect_fn=fake_detect_fn(),
+                         p_ship_fn=gate, progress=False)
+
+    result = run()
+    assert result.scenes[0].counts["tiles_detected"] == 2 and len(result.scenes[0].ships) == 2
+    assert "lowered from 0.9" in json.loads(result.report_path.read_text())["thresholds_sources"]["CLASSIFIER_THRESHOLD"]
+    for kept in (run("DETECT.GATE_SHIP_RECALL", "0"), run(command_line=["SUBMIT.CLASSIFIER_THRESHOLD", "0.9"])):
+        assert kept.scenes[0].counts["tiles_gated_out"] == 1 and len(kept.scenes[0].ships) == 1
+
+
 def test_array_gate_matches_the_file_gate_and_gates_slices(tiny_trained, tiny_run_cfg, biased_detector, tmp_path):
     """The classifier on in-memory tiles gives what it gives on the same pixels in files; detect
     records it per slice and sends only slices at or above the threshold to the detector."""

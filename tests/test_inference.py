@@ -357,6 +357,50 @@ def test_thresholds_precedence_command_line_then_tuned_then_config(tmp_path):
         module_inference.get_thresholds(cfg, tmp_path / "bad.yaml")
 
 
+@pytest.mark.parametrize("found, recall, gate, expected", [
+    ([0.99, 0.95, 0.5, 0.3], 0.98, 0.9, 0.3),  # ceil(0.98 * 4) = 4 ships: the lowest value
+    ([0.99, 0.95, 0.5, 0.3], 0.75, 0.9, 0.5),  # 3 of 4
+    ([0.99, 0.95, 0.5, 0.3], 0.5, 0.9, 0.9),  # 2 of 4 at 0.95: never above the submission's gate
+    ([0.3, 0.99, 0.5, 0.95], 0.75, 0.9, 0.5),  # the order given does not matter
+    ([0.99, 0.95, 0.5, 0.3], 0.0, 0.9, 0.9),  # recall 0: the submission's gate
+    ([0.99, 0.95, 0.5, 0.3], 1.0, 0.0, 0.0),  # ungated stays ungated
+    ([], 0.98, 0.9, 0.9),  # no ship found on validation: nothing to go by
+    ([0.8, float("nan")], 1.0, 0.9, 0.8),  # an unreadable image's NaN is no ship
+])
+def test_scene_gate_threshold_keeps_the_share_of_found_ships(found, recall, gate, expected):
+    assert module_inference.get_scene_gate_threshold(found, recall, gate) == pytest.approx(expected)
+
+
+def test_scene_thresholds_lower_only_a_tuned_gate(tmp_path):
+    """The scene gate applies to the tuned classifier threshold only: not to a command-line one,
+    not with GATE_SHIP_RECALL 0, not without the scene_gate block; the other thresholds stay."""
+    import module_tuning
+
+    base = ["PATHS.RUNS_DIR", str(tmp_path), "PATHS.RUN_NAME", "t"]
+    cfg = module_config.get_cfg(None, base)
+    path = module_config.get_submission_path(cfg, "thresholds")
+    module_tuning.write_thresholds(path, Thresholds(0.9, 0.7, 40), f2=0.6)
+    assert module_inference.get_scene_thresholds(cfg) == module_inference.get_thresholds(cfg)  # no block yet
+    module_tuning.write_thresholds(path, Thresholds(0.9, 0.7, 40), f2=0.6, extra={
+        module_inference.SCENE_GATE_KEY: {"found_ship_p_ship": [0.99, 0.97, 0.95, 0.6, 0.4]}})
+    thresholds, sources = module_inference.get_scene_thresholds(cfg)  # 0.98 of 5: all 5
+    assert thresholds == Thresholds(0.4, 0.7, 40)
+    assert "lowered from 0.9" in sources["CLASSIFIER_THRESHOLD"] and "keeps 5 of the 5" in sources["CLASSIFIER_THRESHOLD"]
+    assert module_inference.get_thresholds(cfg)[0] == Thresholds(0.9, 0.7, 40), "the submission's are unchanged"
+    cfg = module_config.get_cfg(None, [*base, "DETECT.GATE_SHIP_RECALL", "0.8"])
+    assert module_inference.get_scene_thresholds(cfg)[0].classifier == 0.6
+    cfg = module_config.get_cfg(None, [*base, "DETECT.GATE_SHIP_RECALL", "0"])
+    assert module_inference.get_scene_thresholds(cfg)[0].classifier == 0.9
+    command_line = ["SUBMIT.CLASSIFIER_THRESHOLD", "0.95"]
+    cfg = module_config.get_cfg(None, [*base, *command_line])
+    thresholds, sources = module_inference.get_scene_thresholds(cfg, overridden=command_line)
+    assert thresholds.classifier == 0.95 and sources["CLASSIFIER_THRESHOLD"] == "command line"
+    other = tmp_path / "other.yaml"  # a thresholds file given explicitly carries its own block
+    module_tuning.write_thresholds(other, Thresholds(0.5, 0.7, 40), f2=0.6, extra={
+        module_inference.SCENE_GATE_KEY: {"found_ship_p_ship": [0.9, 0.2]}})
+    assert module_inference.get_scene_thresholds(module_config.get_cfg(None, base), other)[0].classifier == 0.2
+
+
 # ---------------------------------------------------------------- the gate
 def test_p_ship_fn_of_the_runs_classifier_gives_nan_for_unreadable_images(tiny_trained, tmp_path, tiny_cfg):
     p_ship_fn = module_inference.build_p_ship_fn(tiny_trained.cfg)

@@ -6,6 +6,7 @@ Every case is small enough to check on paper; each test's docstring gives the ar
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -491,3 +492,31 @@ def test_score_reports_the_same_failures_without_the_gate(tmp_path, capsys):
     assert module_submit.main(module_submit.get_args_parser().parse_args([str(a) for a in argv])) == 0
     assert (tmp_path / "runs/tiny/submission/score_errors.csv").is_file()
     assert (tmp_path / "runs/tiny/plots/score_errors.png").stat().st_size > 0
+
+
+# --------------------------------------------------------------------------- the scene gate
+def test_tune_writes_the_scene_gate_from_the_ships_the_detector_finds(tmp_path):
+    """Six ship images at p_ship 0.99, 0.95, 0.9, 0.8, 0.4, 0.1; the detector finds the ship on all
+    but the 0.8 one (its detection misses: IoU 0) and finds nothing on four ship-free images at
+    p_ship 0.05, 0.2, 0.5, 0.97. The gate is tuned at 0.9 (the grid [0.9]). Found ships' p_ship:
+    0.99, 0.95, 0.9, 0.4, 0.1; at GATE_SHIP_RECALL 0.75 keep ceil(3.75) = 4 of them: 0.4, which
+    passes the ship-free images at 0.5 and 0.97 (50%); the submission's 0.9 keeps 3, passes 25%."""
+    elsewhere = rect(SHAPE, 0, 0, 4, 4)
+    p_ships = [0.99, 0.95, 0.9, 0.8, 0.4, 0.1]
+    cache = [image(f"s{k}.jpg", SHAPE, true=[SHIP], detections=[(elsewhere if p == 0.8 else SHIP, 0.9)], p_ship=p)
+             for k, p in enumerate(p_ships)]
+    cache += [image(f"e{k}.jpg", SHAPE, p_ship=p) for k, p in enumerate([0.05, 0.2, 0.5, 0.97])]
+    cfg = get_cfg(tmp_path, "SUBMIT.TUNE_CLASSIFIER_THRESHOLDS", "[0.9]", "SUBMIT.TUNE_SCORE_THRESHOLDS", "[0.5]",
+                  "SUBMIT.TUNE_MIN_AREAS", "[0]", "SUBMIT.GUARD_CONFIDENCE", 0, "SUBMIT.TUNE_SIZE_AWARE", False,
+                  "DETECT.GATE_SHIP_RECALL", 0.75)
+    result = module_tuning.tune(cache, cfg, progress=False, load_image=blank_loader(SHAPE))
+    assert result.thresholds.classifier == 0.9
+    np.testing.assert_allclose(module_tuning.get_found_ship_p_ship(cache, result.thresholds), [0.99, 0.95, 0.9, 0.4, 0.1])
+    saved = yaml.safe_load(module_config.get_submission_path(cfg, "thresholds").read_text())
+    gate = saved[module_inference.SCENE_GATE_KEY]
+    assert gate == result.scene_gate | {"ship_free_passed": 0.5, "submission_gate_ship_free_passed": 0.25}
+    assert gate["found_ship_p_ship"] == [0.99, 0.95, 0.9, 0.4, 0.1]
+    assert (gate["classifier_threshold"], gate["ships_found"], gate["ships_kept"]) == (0.4, 5, 4)
+    assert gate["submission_gate_ships_kept"] == 3
+    # what module_detect gates at, read back from thresholds.yaml
+    assert module_inference.get_scene_thresholds(cfg)[0] == dataclasses.replace(result.thresholds, classifier=0.4)
