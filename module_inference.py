@@ -560,7 +560,9 @@ def get_scene_gate_threshold(found_ship_p_ship, ship_recall: float, gate: float)
     ``found_ship_p_ship``: for each true validation ship the detector finds on its own (at the
     tuned score and area thresholds, matched at IoU > 0.5), the p_ship of its tile
     (``module_tuning.get_found_ship_p_ship``). Keeping a share ``r`` of ``n`` of them keeps the
-    ``ceil(r n)`` with the highest p_ship: the threshold is the lowest of those values. ``gate``
+    ``r n`` (rounded to the nearest ship, at least one) with the highest p_ship: the threshold is
+    the lowest of those values. Rounded, not rounded up: at 0.98 of 47 ships one may go, so that a
+    single ship on a tile the classifier scores 0.1 does not open the gate to most of the sea. ``gate``
     (the submission's tuned classifier threshold) is returned as it is when ``ship_recall <= 0``,
     when ``gate <= 0`` (ungated) and when the detector found no ship on validation.
 
@@ -573,7 +575,7 @@ def get_scene_gate_threshold(found_ship_p_ship, ship_recall: float, gate: float)
     values = values[np.isfinite(values)]
     if gate <= 0 or ship_recall <= 0 or not len(values):
         return float(gate)
-    keep = min(len(values), max(1, math.ceil(min(float(ship_recall), 1.0) * len(values) - 1e-9)))
+    keep = min(len(values), max(1, math.floor(min(float(ship_recall), 1.0) * len(values) + 0.5)))
     return float(min(gate, values[keep - 1]))
 
 

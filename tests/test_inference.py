@@ -358,7 +358,8 @@ def test_thresholds_precedence_command_line_then_tuned_then_config(tmp_path):
 
 
 @pytest.mark.parametrize("found, recall, gate, expected", [
-    ([0.99, 0.95, 0.5, 0.3], 0.98, 0.9, 0.3),  # ceil(0.98 * 4) = 4 ships: the lowest value
+    ([0.99, 0.95, 0.5, 0.3], 0.98, 0.9, 0.3),  # 0.98 * 4 = 3.92, rounded 4 ships: the lowest value
+    ([0.9] * 46 + [0.1], 0.98, 0.95, 0.9),  # 0.98 * 47 = 46.06: one outlier does not open the gate
     ([0.99, 0.95, 0.5, 0.3], 0.75, 0.9, 0.5),  # 3 of 4
     ([0.99, 0.95, 0.5, 0.3], 0.5, 0.9, 0.9),  # 2 of 4 at 0.95: never above the submission's gate
     ([0.3, 0.99, 0.5, 0.95], 0.75, 0.9, 0.5),  # the order given does not matter

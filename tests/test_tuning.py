@@ -499,7 +499,7 @@ def test_tune_writes_the_scene_gate_from_the_ships_the_detector_finds(tmp_path):
     """Six ship images at p_ship 0.99, 0.95, 0.9, 0.8, 0.4, 0.1; the detector finds the ship on all
     but the 0.8 one (its detection misses: IoU 0) and finds nothing on four ship-free images at
     p_ship 0.05, 0.2, 0.5, 0.97. The gate is tuned at 0.9 (the grid [0.9]). Found ships' p_ship:
-    0.99, 0.95, 0.9, 0.4, 0.1; at GATE_SHIP_RECALL 0.75 keep ceil(3.75) = 4 of them: 0.4, which
+    0.99, 0.95, 0.9, 0.4, 0.1; at GATE_SHIP_RECALL 0.75 keep 3.75, rounded 4, of them: 0.4, which
     passes the ship-free images at 0.5 and 0.97 (50%); the submission's 0.9 keeps 3, passes 25%."""
     elsewhere = rect(SHAPE, 0, 0, 4, 4)
     p_ships = [0.99, 0.95, 0.9, 0.8, 0.4, 0.1]
