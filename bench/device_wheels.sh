@@ -4,7 +4,8 @@
 # and cloudpickle but no registry access (the lent nvidia-h200 image, Python 3.12): the pinned
 # pure-Python packages, the cp312 wheels of the compiled ones, and a detectron2 wheel built from
 # the patched sdist (tools/install_detectron2.py --wheel-dir). They are installed there with
-# --no-deps. Run here (PyPI reachable), then carry .device-wheels (a few MB) to the device machine.
+# --no-deps. fastprogress imports fasthtml, which imports starlette, python-multipart and
+# itsdangerous: the image has none of them. Run here (PyPI reachable), then carry .device-wheels (a few MB) to the device machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -17,6 +18,7 @@ pin() { grep -E "^$1==" requirements.txt | cut -d' ' -f1; }
 "$PY" -m pip download --quiet --no-deps --dest "$OUT" \
     "$(pin fastai)" "$(pin fvcore)" "$(pin iopath)" "$(pin yacs)" "$(pin omegaconf)" \
     "$(pin hydra-core)" "$(pin termcolor)" fastcore==2.2.41 fastprogress==1.1.6 fasttransform==0.0.5 \
-    fastdownload==0.0.8 beartype==0.23.1 antlr4-python3-runtime==4.9.3
+    fastdownload==0.0.8 beartype==0.23.1 antlr4-python3-runtime==4.9.3 \
+    python-fasthtml==0.14.14 starlette==1.10.0 python-multipart==0.0.34 itsdangerous==2.2.0
 "$PY" tools/install_detectron2.py --wheel-dir "$OUT"
 ls -la "$OUT"
