@@ -612,7 +612,10 @@ def int8_model(learner: Learner) -> torch.nn.Module:
     if cached is not None and cached[0] is observers:
         return cached[1]
     prepared = _prepare_int8(learner)
-    unexpected = prepared.load_state_dict(observers, strict=False).unexpected_keys
+    # on the CPU: a learner loaded on a GPU machine (load_learner maps the export to CUDA) brings
+    # CUDA observers, which some observers adopt as they are, and FX's convert refuses two devices
+    cpu_observers = {k: v.cpu() for k, v in observers.items()}
+    unexpected = prepared.load_state_dict(cpu_observers, strict=False).unexpected_keys
     if unexpected:
         raise ValueError(f"the int8 calibration does not fit this classifier's model (e.g. {unexpected[:2]}): "
                          "call module_classifier.calibrate_int8(learner, image_paths) again")
@@ -1052,6 +1055,21 @@ def _opener_image_size(learner: Learner) -> int | None:
     return getattr(learner, "tile_size", None)
 
 
+def _forward_views(model: torch.nn.Module, batch: torch.Tensor, views, precision: str,
+                   device: torch.device) -> list[torch.Tensor]:
+    """float32 logits of ``model`` on ``batch`` and each flip of ``views``, under
+    :func:`autocast_context`. fp16 ends at 65,504: a confident model's logits can overflow it (seen
+    on CUDA, as a NaN p_ship), so images with a non-finite logit in any view run again in float32."""
+    with autocast_context(precision, device):
+        logits = [model(batch.flip(dims) if dims else batch).float() for dims in views]
+    bad = ~torch.stack([view.isfinite().all(dim=1) for view in logits]).all(dim=0)
+    if bad.any() and resolve_precision(precision, device) in ("fp16", "bf16"):
+        redo = batch[bad]
+        for view, dims in zip(logits, views):
+            view[bad] = model(redo.flip(dims) if dims else redo).float()
+    return logits
+
+
 def _predict_batches(learner: Learner, paths: list[Path], batch_size: int, tta: bool, num_workers: int,
                      progress: bool, precision: str) -> np.ndarray:
     """p_ship of readable ``paths`` (float32, in order): forward passes under
@@ -1061,6 +1079,8 @@ def _predict_batches(learner: Learner, paths: list[Path], batch_size: int, tta: 
     dl = learner.dls.test_dl(items, bs=batch_size,
                              num_workers=num_workers, shuffle=False, drop_last=False)
     device = next(learner.model.parameters()).device
+    if precision == "int8":  # the quantized copy (int8_model) runs on the CPU, wherever the learner is
+        device = torch.device("cpu")
     resolved = resolve_precision(precision, device)
     logger.debug("p_ship of %d images at %s on %s", len(paths), resolved, device)
     views = TTA_FLIP_DIMS if tta else TTA_FLIP_DIMS[:1]
@@ -1075,9 +1095,8 @@ def _predict_batches(learner: Learner, paths: list[Path], batch_size: int, tta: 
             for (batch,) in dl:
                 # Plain tensor: fastai's TensorImage dispatch costs time on every layer.
                 batch = batch.as_subclass(torch.Tensor).to(device).contiguous(memory_format=torch.channels_last)
-                with autocast_context(precision, device):
-                    logits = [model(batch.flip(dims) if dims else batch) for dims in views]
-                probs = sum(torch.softmax(view.float(), dim=1)[:, ship] for view in logits)
+                logits = _forward_views(model, batch, views, precision, device)
+                probs = sum(torch.softmax(view, dim=1)[:, ship] for view in logits)
                 out.append((probs / len(views)).cpu())
                 bar.update(len(batch))
     finally:

@@ -1237,7 +1237,7 @@ def classifier_body_to_detectron2(body_state: dict, cfg: CfgNode) -> dict[str, t
             name = f"{_BODY_STAGES[head]}.{block}.{_BLOCK_PARTS[module]}.{leaf}"
         else:
             raise ValueError(f"classifier body tensor {key!r}: expected a torchvision ResNet body (fastai vision_learner)")
-        out[prefix + name] = value.detach().float().clone()
+        out[prefix + name] = value.detach().float().cpu().clone()  # a classifier loaded on a GPU is on CUDA
     conv1 = out[prefix + "stem.conv1.weight"]
     mean, std = (torch.tensor(v, dtype=torch.float32) for v in imagenet_stats)
     if cfg.INPUT.FORMAT == "BGR":

@@ -224,9 +224,10 @@ def assert_detector_resnet_computes_the_body(cfg, state: dict, body: torch.nn.Mo
     against fastai's RGB ImageNet-normalized one. Returns the detector's res5 features."""
     from fastai.vision.all import imagenet_stats
 
-    model = build_model(module_config.get_model_cfg(cfg)).eval()
+    model = build_model(module_config.get_model_cfg(cfg)).eval().cpu()  # compared on the CPU, GPU or not
     missing, unexpected = model.load_state_dict(state, strict=False)
     assert not unexpected and not [m for m in missing if "bottom_up" in m]
+    body = body.cpu()  # a classifier loaded on a GPU machine is on CUDA
     rgb = torch.randint(0, 256, (3, 64, 64), generator=torch.Generator().manual_seed(0)).float()
     mean, std = (torch.tensor(v).view(3, 1, 1) for v in imagenet_stats)
     with torch.no_grad():
