@@ -5,7 +5,8 @@
 # pure-Python packages, the cp312 wheels of the compiled ones, and a detectron2 wheel built from
 # the patched sdist (tools/install_detectron2.py --wheel-dir). They are installed there with
 # --no-deps. fastprogress imports fasthtml, which imports starlette, python-multipart and
-# itsdangerous: the image has none of them. Run here (PyPI reachable), then carry .device-wheels (a few MB) to the device machine.
+# itsdangerous: the image has none of them. Run here (PyPI reachable), then carry .device-wheels
+# (a few MB) to the device machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
