@@ -140,6 +140,12 @@ def test_demo_config_tunes_for_its_test_sets_share():
     assert cfg.SUBMIT.TARGET_EMPTY_FRACTION == pytest.approx(0.78)
 
 
+def test_demo_config_guards_at_80_percent_below_the_default():
+    # its 222 validation tiles make the bootstrap bound wide: at 90% the guard fell back on good models
+    assert module_config.get_cfg("configs/demo.yaml").SUBMIT.GUARD_CONFIDENCE == pytest.approx(0.8)
+    assert module_config.get_cfg(None).SUBMIT.GUARD_CONFIDENCE == pytest.approx(0.9)
+
+
 # --------------------------------------------------------------------------- the bootstrap
 def test_bootstrap_weights_each_kind_apart_with_a_pseudo_image_and_match_a_loop():
     has_ships = np.array([False, False, False, True, True])
