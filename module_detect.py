@@ -646,6 +646,12 @@ def remove_overlaps(ships: Sequence[Detection], min_area: int = 0) -> list[Detec
 
 
 # ============================================================================ measures and geometry
+def get_ships(detections: Sequence[Detection], tiles: Sequence[Tile], settings: DetectSettings) -> list[Detection]:
+    """A scene's ships from its slices' detections: :func:`merge_detections` across slice borders,
+    then :func:`remove_overlaps` between ships (``settings.merge_iou``, ``.thresholds.min_area``)."""
+    return remove_overlaps(merge_detections(detections, tiles, settings.merge_iou), settings.thresholds.min_area)
+
+
 def _outline_polygons(ship: Detection, mask: np.ndarray):
     """The ship's outline as a shapely (Multi)Polygon in scene pixel coordinates, tracing pixel
     edges exactly (``rasterio.features.shapes``): rasterized back, it gives the mask."""
@@ -1146,8 +1152,7 @@ def finish_scene(info: SceneInfo, tile_status: dict, detections: Sequence[Detect
                  out_dir: str | os.PathLike | None) -> SceneResult:
     """Merge a scene's slice detections into ships, measure them and (with ``out_dir``) write the outputs."""
     tiles = get_tiles(info.height, info.width, settings.tile, settings.overlap)
-    ships = merge_detections(detections, tiles, settings.merge_iou)
-    ships = remove_overlaps(ships, settings.thresholds.min_area)
+    ships = get_ships(detections, tiles, settings)
     measures = measure_ships(ships, info)
     statuses = [tile_status[str(t.index)]["status"] for t in tiles]
     counts = {"tiles_total": len(tiles), "tiles_nodata": statuses.count("nodata"),

@@ -26,3 +26,26 @@ def test_on_ship_cells_keeps_the_ships_centred_in_those_cells():
     ships = [_ship(2, 2, 6, 10), _ship(40, 40, 6, 6)]
     assert on_ship_cells(ships, [[0, 0]], 32) == [ships[0]]
     assert on_ship_cells(ships, [[1, 1]], 32) == [ships[1]]
+
+
+def test_gate_sweep_counts_slices_speed_and_lost_ships_per_threshold():
+    from bench.bench_gate_sweep import sweep
+    from module_inference import Thresholds
+
+    tiles = module_detect.get_tiles(64, 192, 64, 0)  # three slices in a row
+    settings = module_detect.DetectSettings(tile=64, overlap=0, thresholds=Thresholds(0.5, 0.5, 0))
+    truth = [_ship(10, 10, 6, 20, scene=192), _ship(20, 80, 8, 8, scene=192)]  # in slices 0 and 1; slice 2 is sea
+
+    def found(index, ship):
+        return module_detect.Detection.from_json(dict(ship, tiles=[index]))
+
+    records = [{"index": 0, "p_ship": 0.9, "seconds": 1.0, "detections": [found(0, truth[0])]},
+               {"index": 1, "p_ship": 0.3, "seconds": 1.0, "detections": [found(1, truth[1])]},
+               {"index": 2, "p_ship": 0.6, "seconds": 1.0, "detections": []}]
+    rows = sweep(records, 0.2, tiles, settings, truth, [0.95, 0.5], {0.5: " (the scene gate)"})
+    assert [r["name"] for r in rows] == ["gate 0.95", "gate 0.5 (the scene gate)", "gate 0.3 (highest losing none)",
+                                         "oracle (slices touching a true ship)"]
+    assert [r["slices"] for r in rows] == [0, 2, 3, 2]
+    assert [r["lost"] for r in rows] == [2, 1, 0, 0]
+    assert [r["found"] for r in rows] == [0, 1, 2, 2]
+    assert np.allclose([r["ratio"] for r in rows], [3 / 0.2, 3 / 2.2, 3 / 3.2, 3 / 2.2])
