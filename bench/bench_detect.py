@@ -56,14 +56,19 @@ MATCH_IOU = 0.9
 TRUTH_IOU = 0.5  # the competition's loosest threshold
 
 
-def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_scene_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The run and the scene's arguments (also bench_gate_sweep.py's: the same scene)."""
     parser.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"))
     parser.add_argument("--run", default=None, help="run folder with the models (default the config's)")
     parser.add_argument("--grid", type=int, default=16, help="cells per side of the mosaic")
     parser.add_argument("--sea", type=float, default=0.85, help="share of ship-free cells")
     parser.add_argument("--overlap", type=int, default=32, help="slice overlap (px)")
     parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = add_scene_args(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]))
     parser.add_argument("--out", default=None, help="scratch folder (default runs/<run>/bench_detect)")
     parser.add_argument("--methods", default=",".join(METHODS), help="which of gated,ungated,sahi to run")
     parser.add_argument("--method", default=None, help=argparse.SUPPRESS)  # internal: run one method, print JSON

@@ -44,13 +44,7 @@ THRESHOLDS = (0.95, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05, 0.02, 0.0
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"))
-    parser.add_argument("--run", default=None, help="run folder with the models (default the config's)")
-    parser.add_argument("--grid", type=int, default=16, help="cells per side of the mosaic (as bench_detect.py)")
-    parser.add_argument("--sea", type=float, default=0.85, help="share of ship-free cells")
-    parser.add_argument("--overlap", type=int, default=32, help="slice overlap (px)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser = bench_detect.add_scene_args(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]))
     parser.add_argument("--thresholds", default=",".join(map(str, THRESHOLDS)), help="gate thresholds to report")
     parser.add_argument("--out", default=None, help="scratch folder (default runs/<run>/bench_gate_sweep)")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
