@@ -612,8 +612,9 @@ def get_scene_thresholds(cfg, thresholds_file: str | Path | None = None,
 
 
 # ============================================================================ callables for the gated pipeline
-def build_p_ship_fn(cfg, classifier_path: str | Path | None = None) -> PShipFn:
-    """A :data:`PShipFn` over the run's exported classifier (``CLASSIFIER.BATCH_SIZE``, ``.TTA``, ``.PRECISION``).
+def build_p_ship_fn(cfg, classifier_path: str | Path | None = None, tta: bool | None = None) -> PShipFn:
+    """A :data:`PShipFn` over the run's exported classifier (``CLASSIFIER.BATCH_SIZE``, ``.TTA``, ``.PRECISION``;
+    ``tta`` given: flip TTA or not, whatever ``CLASSIFIER.TTA`` says).
 
     Unreadable images get NaN (they are listed by the caller, which knows why)."""
     import module_classifier  # here: tuning, submission and scenes need it; training the detector does not
@@ -626,8 +627,8 @@ def build_p_ship_fn(cfg, classifier_path: str | Path | None = None) -> PShipFn:
 
     def p_ship_fn(paths: Sequence[Path]) -> np.ndarray:
         frame = module_classifier.predict_p_ship(learner, list(paths), batch_size=cfg.CLASSIFIER.BATCH_SIZE,
-                                                 tta=cfg.CLASSIFIER.TTA, num_workers=cfg.CLASSIFIER.NUM_WORKERS,
-                                                 on_bad_image="skip", progress=False,
+                                                 tta=cfg.CLASSIFIER.TTA if tta is None else bool(tta),
+                                                 num_workers=cfg.CLASSIFIER.NUM_WORKERS, on_bad_image="skip", progress=False,
                                                  precision=cfg.CLASSIFIER.PRECISION)
         by_id = frame.set_index("ImageId")["p_ship"]  # skipped (unreadable) images are absent: NaN
         return by_id.reindex([Path(p).name for p in paths]).to_numpy(dtype=np.float64)

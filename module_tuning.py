@@ -34,7 +34,9 @@ How a choice is made, step by step (:func:`tune` on a cache of model outputs):
    area, behind the chosen gate; kept only when the gain over the single threshold clears the
    same lower bound (:func:`choose_size_thresholds`).
 6. **The scene gate** (:func:`get_scene_gate`): for ``module_detect``, the p_ship of every true
-   ship the detector finds at the chosen thresholds, ungated; scenes are gated at the highest
+   ship the detector finds at the chosen thresholds, ungated, as the scene gate computes it (one
+   pass with ``DETECT.GATE_TTA False``, the default; the submission's gate averages flips with
+   ``CLASSIFIER.TTA``); scenes are gated at the highest
    threshold keeping ``DETECT.GATE_SHIP_RECALL`` of them (``module_inference.get_scene_thresholds``).
 7. **Files** into the run folder: thresholds.yaml (:func:`write_thresholds`), the grids as CSV, the
    F2 curves at both shares (``module_plots.plot_tune_prevalence``), the error report of the
@@ -104,6 +106,9 @@ class TuneImage:
     scores: np.ndarray  # (N,) float32, the detections' scores
     true_rles: list  # one COCO RLE dict per true ship
     shape: tuple[int, int]  # (H, W)
+    # p_ship as module_detect's scene gate computes it (DETECT.GATE_TTA) where that differs from
+    # CLASSIFIER.TTA, the submission's; NaN: the same as p_ship (see scene_p_ship)
+    gate_p_ship: float = math.nan
 
     @classmethod
     def from_masks(cls, image_id: str, file_name: str, p_ship: float, pred_masks: np.ndarray,
@@ -116,6 +121,12 @@ class TuneImage:
     @property
     def has_ships(self) -> bool:
         return len(self.true_rles) > 0
+
+    @property
+    def scene_p_ship(self) -> float:
+        """The p_ship the scene gate sees: ``gate_p_ship`` where recorded, else ``p_ship``."""
+        gate_p_ship = getattr(self, "gate_p_ship", math.nan)  # caches pickled before the field have none
+        return self.p_ship if math.isnan(gate_p_ship) else gate_p_ship
 
     def decode(self, crop: bool = True) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
         """``(pred (N, h, w), true (M, h, w), (row, col) offset)`` bool masks.
@@ -145,17 +156,21 @@ def crop_to_common_frame(pred_masks: np.ndarray, true_masks: np.ndarray) -> tupl
 
 def collect_tune_cache(dicts: Sequence[dict], detect_fn: DetectFn, p_ship_fn: PShipFn | None = None,
                        batch_size: int = 8, min_score: float = 0.0, load_image: LoadImageFn = read_image,
-                       progress: bool = True, progress_path: Path | None = None) -> list[TuneImage]:
+                       progress: bool = True, progress_path: Path | None = None,
+                       gate_p_ship_fn: PShipFn | None = None) -> list[TuneImage]:
     """Run the classifier and the (ungated) detector once over validation dataset dicts.
 
     Every image goes through the detector, so that any classifier threshold can be evaluated
     afterwards without a model; detections below ``min_score`` (the lowest score threshold of
-    the grid) are not kept. ``p_ship_fn`` None: p_ship is 1 for every image. Truth comes from
-    the dicts' ``annotations`` (COCO RLE ``segmentation``).
+    the grid) are not kept. ``p_ship_fn`` None: p_ship is 1 for every image. ``gate_p_ship_fn``:
+    the scene gate's p_ship (:attr:`TuneImage.gate_p_ship`), where it is computed otherwise (flip
+    TTA or not). Truth comes from the dicts' ``annotations`` (COCO RLE ``segmentation``).
     """
     paths = [Path(d["file_name"]) for d in dicts]
     p_ship = (np.asarray(p_ship_fn(paths), dtype=np.float64) if p_ship_fn is not None and paths
               else np.ones(len(paths)))
+    gate_p_ship = (np.asarray(gate_p_ship_fn(paths), dtype=np.float64) if gate_p_ship_fn is not None and paths
+                   else np.full(len(paths), np.nan))
     cache: list[TuneImage] = []
     bar = tqdm(total=len(dicts), unit="img", desc="tune: detect", disable=not progress)
     reporter = ProgressReporter(progress_path, "tuning: both models on the validation split", len(dicts), "image")
@@ -168,7 +183,7 @@ def collect_tune_cache(dicts: Sequence[dict], detect_fn: DetectFn, p_ship_fn: PS
             cache.append(TuneImage(str(record["image_id"]), str(record["file_name"]), float(p_ship[start + k]),
                                    masks_to_coco(np.asarray(output["masks"], dtype=bool)[keep]), scores[keep],
                                    [a["segmentation"] for a in record.get("annotations", [])],
-                                   (int(record["height"]), int(record["width"]))))
+                                   (int(record["height"]), int(record["width"])), float(gate_p_ship[start + k])))
         bar.update(len(batch))
         reporter.update(done=bar.n)
     bar.close()
@@ -187,7 +202,7 @@ def _cache_fingerprint(*paths: Path | None) -> str:
 def _inference_key(cfg) -> str:
     """The settings that change the models' outputs for the same weights: part of a cache's key."""
     return str([cfg.SUBMIT.TTA, cfg.SUBMIT.MERGE_IOS, cfg.SUBMIT.MERGE_MIN_SCORE, cfg.CLASSIFIER.TTA,
-                cfg.CLASSIFIER.PRECISION, cfg.DETECTOR.TEST_SIZE])
+                cfg.CLASSIFIER.PRECISION, cfg.DETECTOR.TEST_SIZE, cfg.DETECT.GATE_TTA])
 
 
 # ============================================================================ per-image F2 of every setting
@@ -579,13 +594,14 @@ def evaluate_thresholds(cache: Sequence[TuneImage], thresholds: Thresholds) -> n
 
 def get_found_ship_p_ship(cache: Sequence[TuneImage], thresholds: Thresholds) -> np.ndarray:
     """For each true ship the detector finds at ``thresholds`` with the gate left out (matched one to
-    one at IoU > 0.5, as the metric's first threshold), the p_ship of its image; highest first.
+    one at IoU > 0.5, as the metric's first threshold), the p_ship of its image as the scene gate
+    computes it (:attr:`TuneImage.scene_p_ship`); highest first.
 
     What the scene gate is chosen from (``module_inference.get_scene_gate_threshold``): gating at
     ``t`` loses exactly the found ships whose value is below ``t``.
     """
     outcomes, _ = get_tune_outcomes(cache, dataclasses.replace(thresholds, classifier=0.0))
-    values = [image.p_ship for image, outcome in zip(cache, outcomes) if np.isfinite(image.p_ship)
+    values = [image.scene_p_ship for image, outcome in zip(cache, outcomes) if np.isfinite(image.scene_p_ship)
               for _ in range(int((outcome.true_iou > 0).sum()))]
     return np.sort(np.asarray(values, dtype=np.float64))[::-1]
 
@@ -597,10 +613,10 @@ def get_scene_gate(cache: Sequence[TuneImage], thresholds: Thresholds, ship_reca
     ship-free validation images it passes, next to the submission's gate."""
     found = np.floor(get_found_ship_p_ship(cache, thresholds) * 1e6) / 1e6
     gate = module_inference.get_scene_gate_threshold(found, ship_recall, thresholds.classifier)
-    free = np.array([image.p_ship for image in cache if not image.has_ships], dtype=np.float64)
+    free = np.array([image.scene_p_ship for image in cache if not image.has_ships], dtype=np.float64)
     passed = (lambda t: float(np.mean(free >= t)) if len(free) else None)
     return {"what": "p_ship of the validation image of each true ship the detector finds at these thresholds, "
-                    "ungated; module_detect gates scenes at the highest classifier threshold keeping "
+                    "ungated, as the scene gate computes it (DETECT.GATE_TTA); module_detect gates scenes at the highest classifier threshold keeping "
                     "DETECT.GATE_SHIP_RECALL of them, never above CLASSIFIER_THRESHOLD",
             "ship_recall": float(ship_recall), "classifier_threshold": gate, "ships_found": int(len(found)),
             "ships_kept": int(np.sum(found >= gate)), "ship_free_passed": passed(gate),
@@ -843,9 +859,13 @@ def tune_thresholds(cfg, val_dicts: Sequence[dict] | None = None, classifier: st
             logger.info("tuning: %s was made with other models or images: recomputing", cache_path)
     if cache is None:
         p_ship_fn = build_p_ship_fn(cfg, classifier) if use_classifier else None
+        # the scene gate's own p_ship where scenes are gated otherwise (one pass against flip TTA)
+        gate_p_ship_fn = (build_p_ship_fn(cfg, classifier, tta=cfg.DETECT.GATE_TTA)
+                          if use_classifier and cfg.DETECT.GATE_TTA != cfg.CLASSIFIER.TTA else None)
         cache = collect_tune_cache(val_dicts, build_detect_fn(cfg, weights), p_ship_fn,
                                    batch_size=cfg.SUBMIT.BATCH_SIZE, min_score=min(cfg.SUBMIT.TUNE_SCORE_THRESHOLDS),
-                                   progress=progress, progress_path=module_config.get_progress_path(cfg))
+                                   progress=progress, progress_path=module_config.get_progress_path(cfg),
+                                   gate_p_ship_fn=gate_p_ship_fn)
         with atomic_path(cache_path) as tmp:
             tmp.write_bytes(pickle.dumps({"fingerprint": fingerprint, "images": cache}))
     result = tune(cache, cfg, progress=progress, train_empty_fraction=train_empty)

@@ -526,3 +526,36 @@ def test_tune_writes_the_scene_gate_from_the_ships_the_detector_finds(tmp_path):
     assert gate["submission_gate_ships_kept"] == 3
     # what module_detect gates at, read back from thresholds.yaml
     assert module_inference.get_scene_thresholds(cfg)[0] == dataclasses.replace(result.thresholds, classifier=0.4)
+
+
+def test_the_scene_gate_is_chosen_on_the_p_ship_the_scene_gate_computes(tmp_path):
+    """Scenes are gated in one pass (DETECT.GATE_TTA False) where the submission's p_ship averages
+    flips: where tuning recorded the one-pass value (gate_p_ship), the found ships and the ship-free
+    share are counted on it; where not (NaN, or a cache pickled before the field), on p_ship."""
+    cache = [image(f"s{k}.jpg", SHAPE, true=[SHIP], detections=[(SHIP, 0.9)], p_ship=p)
+             for k, p in enumerate([0.99, 0.95, 0.9])]
+    cache += [image(f"e{k}.jpg", SHAPE, p_ship=p) for k, p in enumerate([0.05, 0.5])]
+    thresholds = Thresholds(0.9, 0.5, 0)
+    np.testing.assert_allclose(module_tuning.get_found_ship_p_ship(cache, thresholds), [0.99, 0.95, 0.9])
+    cache[1] = dataclasses.replace(cache[1], gate_p_ship=0.3)  # one pass scores this ship's tile lower
+    cache[4] = dataclasses.replace(cache[4], gate_p_ship=0.1)  # and this ship-free one (p_ship 0.5)
+    np.testing.assert_allclose(module_tuning.get_found_ship_p_ship(cache, thresholds), [0.99, 0.9, 0.3])
+    gate = module_tuning.get_scene_gate(cache, thresholds, 1.0)
+    assert (gate["classifier_threshold"], gate["ships_kept"], gate["ship_free_passed"]) == (0.3, 3, 0.0)
+    del cache[1].__dict__["gate_p_ship"]  # as unpickled from a cache written before the field
+    assert cache[1].scene_p_ship == 0.95
+
+
+def test_the_tune_cache_records_the_scene_gates_p_ship_where_it_differs():
+    dicts = [{"image_id": f"{k}.jpg", "file_name": f"{k}.jpg", "height": SHAPE[0], "width": SHAPE[1],
+              "annotations": []} for k in range(3)]
+    def detect_fn(images):
+        return [{"masks": np.zeros((0, *SHAPE), bool), "scores": np.zeros(0, np.float32)} for _ in images]
+    cache = module_tuning.collect_tune_cache(dicts, detect_fn, lambda paths: [0.9, 0.5, 0.1], progress=False,
+                                             load_image=blank_loader(SHAPE),
+                                             gate_p_ship_fn=lambda paths: [0.8, 0.6, 0.0])
+    assert [c.p_ship for c in cache] == [0.9, 0.5, 0.1]
+    assert [c.scene_p_ship for c in cache] == [0.8, 0.6, 0.0]
+    plain = module_tuning.collect_tune_cache(dicts, detect_fn, lambda paths: [0.9, 0.5, 0.1], progress=False,
+                                             load_image=blank_loader(SHAPE))
+    assert all(np.isnan(c.gate_p_ship) for c in plain) and [c.scene_p_ship for c in plain] == [0.9, 0.5, 0.1]
