@@ -628,8 +628,8 @@ def build_p_ship_fn(cfg, classifier_path: str | Path | None = None, tta: bool | 
     def p_ship_fn(paths: Sequence[Path]) -> np.ndarray:
         frame = module_classifier.predict_p_ship(learner, list(paths), batch_size=cfg.CLASSIFIER.BATCH_SIZE,
                                                  tta=cfg.CLASSIFIER.TTA if tta is None else bool(tta),
-                                                 num_workers=cfg.CLASSIFIER.NUM_WORKERS, on_bad_image="skip", progress=False,
-                                                 precision=cfg.CLASSIFIER.PRECISION)
+                                                 num_workers=cfg.CLASSIFIER.NUM_WORKERS, on_bad_image="skip",
+                                                 progress=False, precision=cfg.CLASSIFIER.PRECISION)
         by_id = frame.set_index("ImageId")["p_ship"]  # skipped (unreadable) images are absent: NaN
         return by_id.reindex([Path(p).name for p in paths]).to_numpy(dtype=np.float64)
 

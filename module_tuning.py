@@ -616,8 +616,9 @@ def get_scene_gate(cache: Sequence[TuneImage], thresholds: Thresholds, ship_reca
     free = np.array([image.scene_p_ship for image in cache if not image.has_ships], dtype=np.float64)
     passed = (lambda t: float(np.mean(free >= t)) if len(free) else None)
     return {"what": "p_ship of the validation image of each true ship the detector finds at these thresholds, "
-                    "ungated, as the scene gate computes it (DETECT.GATE_TTA); module_detect gates scenes at the highest classifier threshold keeping "
-                    "DETECT.GATE_SHIP_RECALL of them, never above CLASSIFIER_THRESHOLD",
+                    "ungated, as the scene gate computes it (DETECT.GATE_TTA); module_detect gates scenes at the "
+                    "highest classifier threshold keeping DETECT.GATE_SHIP_RECALL of them, never above "
+                    "CLASSIFIER_THRESHOLD",
             "ship_recall": float(ship_recall), "classifier_threshold": gate, "ships_found": int(len(found)),
             "ships_kept": int(np.sum(found >= gate)), "ship_free_passed": passed(gate),
             "submission_gate_ships_kept": int(np.sum(found >= thresholds.classifier)),

@@ -146,8 +146,8 @@ def main(args) -> int:
         labels[scene_gate] = " (the submission's gate and the scene gate)"
     thresholds = [float(t) for t in args.thresholds.split(",")] + [submission_gate, scene_gate]
     rows = sweep(records, gate_seconds, tiles, settings, truth, thresholds, labels)
-    print(f"  ungated: true ships found {len(evaluate(records, {r['index'] for r in records}, tiles, settings, truth))} "
-          f"of {len(truth)}")
+    found_ungated = evaluate(records, {r["index"] for r in records}, tiles, settings, truth)
+    print(f"  ungated: true ships found {len(found_ungated)} of {len(truth)}")
     for r in rows:
         print(f"  {r['name']:52s} slices {r['slices']:4d} of {n}  est. {r['ratio']:5.2f}x  "
               f"true ships {r['found']:3d}, lost {r['lost']}")
