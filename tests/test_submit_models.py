@@ -167,3 +167,26 @@ def test_predict_over_unreadable_images_exits_1_and_still_writes_the_failure_rep
     with pytest.raises(module_files.TooManyFailures, match="3 of 3 images could not be read"):
         module_submit.predict_submission(tiny_trained.cfg, images=folder, out=tmp_path / "lib.csv", progress=False)
     assert len(pd.read_csv(tmp_path / "lib_failures.csv")) == 3
+
+
+def test_tuning_records_the_scene_gates_own_p_ship(tiny_trained, make_tiny_cfg, tmp_path):
+    """tiny.yaml's classifier predicts without TTA; scenes gated with DETECT.GATE_TTA True see the
+    flip mean: tuning records that (one more classifier pass) and chooses the scene gate on it."""
+    import pickle
+
+    import module_classifier
+    import module_tuning
+
+    classifier, weights = tiny_trained.classifier["export"], module_inference.get_default_weights_path(tiny_trained.cfg)
+    cfg = make_tiny_cfg(tmp_path / "runs", "DETECTOR.STAGES", "[[64, 3, 0.01, 0]]", "DETECT.GATE_TTA", "True")
+    val = tiny_trained.val_dicts
+    module_tuning.tune_thresholds(cfg, val, classifier=classifier, weights=weights, progress=False,
+                                  train_dicts=tiny_trained.train_dicts)
+    cache = pickle.loads(module_config.get_submission_path(cfg, "tune_cache").read_bytes())["images"]
+    learner = module_classifier.load_classifier(classifier)
+    paths = [d["file_name"] for d in val]
+    for tta, values in ((False, [c.p_ship for c in cache]), (True, [c.scene_p_ship for c in cache])):
+        expected = module_classifier.predict_p_ship(learner, paths, batch_size=8, tta=tta, num_workers=0,
+                                                    progress=False)["p_ship"].to_numpy()
+        np.testing.assert_allclose(values, expected, atol=1e-5)
+    assert not any(np.isnan(c.gate_p_ship) for c in cache)  # recorded, not fallen back to p_ship
