@@ -645,13 +645,13 @@ def remove_overlaps(ships: Sequence[Detection], min_area: int = 0) -> list[Detec
     return kept
 
 
-# ============================================================================ measures and geometry
 def get_ships(detections: Sequence[Detection], tiles: Sequence[Tile], settings: DetectSettings) -> list[Detection]:
     """A scene's ships from its slices' detections: :func:`merge_detections` across slice borders,
     then :func:`remove_overlaps` between ships (``settings.merge_iou``, ``.thresholds.min_area``)."""
     return remove_overlaps(merge_detections(detections, tiles, settings.merge_iou), settings.thresholds.min_area)
 
 
+# ============================================================================ measures and geometry
 def _outline_polygons(ship: Detection, mask: np.ndarray):
     """The ship's outline as a shapely (Multi)Polygon in scene pixel coordinates, tracing pixel
     edges exactly (``rasterio.features.shapes``): rasterized back, it gives the mask."""
