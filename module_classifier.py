@@ -87,8 +87,8 @@ from tqdm.auto import tqdm
 from module_config import BALANCE_MODES, PRECISIONS, get_classifier_dir, get_classifier_path, save_cfg
 from module_rle import coco_to_masks
 from module_progress import ProgressReporter, median_step_seconds
-from module_files import (atomic_path, check_failure_limit, check_images, list_images, read_image, set_aside,
-                          write_failure_report)
+from module_files import (atomic_path, check_failure_limit, check_images, list_images, read_image, reduce_image,
+                          set_aside, write_failure_report)
 
 logger = logging.getLogger(__name__)
 
@@ -108,8 +108,10 @@ REPORT_THRESHOLDS = np.round(np.arange(0.0, 1.0001, 0.05), 2)
 class ReducedImageOpener:
     """Open an image file as an RGB ``PILImage`` under the one image policy
     (``module_files.read_image``: complete, RGB, and ``image_size`` square when given), letting the
-    JPEG decoder shrink it by 2, 4 or 8 while both sides stay >= ``size`` (a 768 px Kaggle tile
-    decodes at 384 px for a 256 px model, about 3x faster than a full decode).
+    JPEG decoder shrink it (DCT scaling by M/8) while both sides stay >= ``size`` (a 768 px Kaggle
+    tile decodes at 288 px for a 256 px model, about 3x faster than a full decode;
+    ``module_files.reduced_size``). Images in memory get the same reduction
+    (``module_files.reduce_image``, :func:`predict_p_ship_arrays`).
 
     Used for training and prediction alike, so both see the same pixels; it travels in the export,
     so prediction keeps the tile size training had. A missing file raises ``FileNotFoundError``
@@ -1030,9 +1032,13 @@ def predict_p_ship_arrays(learner: Learner, images: Sequence[np.ndarray], batch_
 
     The same path as :func:`predict_p_ship` (the learner's test pipeline: opener, squish resize to
     ``CLASSIFIER.IMAGE_SIZE``, ImageNet normalisation; the same batches, ``precision``, flip ``tta``),
-    minus the file: no decoding and no tile-size check, so a tile of any size is resized. The
-    result equals :func:`predict_p_ship` on files holding the same pixels, except that a JPEG file
-    may be decoded at reduced scale (DCT scaling) where an array is resized.
+    minus the file: no decoding and no tile-size check, so a tile of any size is resized. Each
+    array is first reduced as the opener's JPEG decoder reduces a file (``module_files.reduce_image``:
+    area-averaged to the DCT-scaled size), so the model sees the pixels it was trained on: with a
+    plain resize instead, the demo's ship tiles scored 0.025 lower on average (up to 0.27) than
+    the same tiles read from their files, and the scene gate, chosen on files, lost ships it keeps
+    there (BENCHMARKS.md, "Scene detection", fourteenth session). The result is within ~0.06 (mean
+    0.001) of :func:`predict_p_ship` on JPEG files holding the same pixels.
     """
     images = list(images)
     for i, image in enumerate(images):
@@ -1045,8 +1051,20 @@ def predict_p_ship_arrays(learner: Learner, images: Sequence[np.ndarray], batch_
         return np.empty(0, dtype=np.float32)
     # As PIL images the test pipeline starts after the opener (fastai drops the type transforms
     # that come before an item's type), as for learn.predict(PILImage); in memory: no workers.
-    items = [PILImage.create(image) for image in images]
+    reduce_to = _opener_size(learner)
+    items = [PILImage.create(reduce_image(image, reduce_to)) for image in images]
     return _predict_batches(learner, items, batch_size, tta, 0, progress, precision)
+
+
+def _opener_size(learner: Learner) -> int | None:
+    """The side the learner's :class:`ReducedImageOpener` reduces JPEG files to: that of its
+    ``Resize`` item transform (both ``CLASSIFIER.IMAGE_SIZE``, :func:`build_dataloaders`), or None
+    for a learner without one. (The opener itself is wrapped by fastai out of reach.)"""
+    try:
+        tfms = learner.dls.valid.after_item.fs
+    except AttributeError:
+        return None
+    return next((int(max(t.size)) for t in tfms if isinstance(t, Resize)), None)
 
 
 def _opener_image_size(learner: Learner) -> int | None:

@@ -433,6 +433,27 @@ def test_scenes_are_gated_at_the_scene_gate_of_the_tuned_thresholds(fake_cfg, tm
         assert kept.scenes[0].counts["tiles_gated_out"] == 1 and len(kept.scenes[0].ships) == 1
 
 
+def test_array_gate_reduces_larger_slices_as_the_jpeg_decoder_reduces_files(tiny_trained):
+    """A slice larger than the classifier's input is first reduced as a JPEG file of it would be
+    decoded for the classifier (module_files.reduce_image: area-averaged to the DCT-scaled size),
+    not only squished by the pipeline's resize: the pixels the model was trained on."""
+    import cv2
+    import module_classifier
+    from module_config import get_classifier_path
+    from module_files import list_images, reduce_image
+
+    learner = module_classifier.load_classifier(get_classifier_path(tiny_trained.cfg))
+    size = tiny_trained.cfg.CLASSIFIER.IMAGE_SIZE
+    assert module_classifier._opener_size(learner) == size
+    tiles = [read_image(p) for p in list_images(tiny_trained.input_dir / "test_v2")[:6]]
+    large = [cv2.resize(t, (2 * size, 2 * size), interpolation=cv2.INTER_NEAREST) for t in tiles]  # 2x the input
+    p_large = module_classifier.predict_p_ship_arrays(learner, large, batch_size=4, precision="fp32")
+    p_reduced = module_classifier.predict_p_ship_arrays(learner, [reduce_image(a, size) for a in large], batch_size=4,
+                                                        precision="fp32")
+    np.testing.assert_allclose(p_large, p_reduced, atol=1e-6)
+    np.testing.assert_array_equal(reduce_image(large[0], size), tiles[0])  # 2x2 blocks of one pixel average to it
+
+
 def test_array_gate_matches_the_file_gate_and_gates_slices(tiny_trained, tiny_run_cfg, biased_detector, tmp_path):
     """The classifier on in-memory tiles gives what it gives on the same pixels in files; detect
     records it per slice and sends only slices at or above the threshold to the detector."""
