@@ -385,14 +385,63 @@ def _paint_hull(rng, image: np.ndarray, labels: np.ndarray, label: int, ship: di
     region[inside] = pixels[inside]
 
 
-def render_scene(rng: np.random.Generator, height: int, width: int, n_ships: int,
-                 scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+def _region_counts(n_ships, ship_region, height: int, width: int) -> list[int]:
+    """The ship counts of :func:`render_scene`: ``[n_ships]`` without regions, else one per region."""
+    if ship_region is None:
+        return [int(n_ships)]
+    if np.shape(ship_region) != (height, width):
+        raise ValueError(f"ship_region has shape {np.shape(ship_region)}, expected ({height}, {width})")
+    counts = [int(n) for n in np.atleast_1d(n_ships)]
+    if len(counts) != int(np.max(ship_region, initial=0)):
+        raise ValueError(f"ship_region has {int(np.max(ship_region, initial=0))} regions, n_ships {len(counts)} counts")
+    return counts
+
+
+def _place_ships_by_region(rng, counts, land: np.ndarray, piers: list[np.ndarray], scale: float,
+                           region: np.ndarray) -> tuple[np.ndarray, list[dict]]:
+    """:func:`_place_ships` region by region (``region`` == k holds ``counts[k - 1]`` ships), each
+    within the region's bounding box and kept out of land, of the other regions and of the ships
+    already placed; one label map, the ships in scene coordinates."""
+    labels = np.zeros(land.shape, np.int32)
+    ships: list[dict] = []
+    flat = np.flatnonzero(region)
+    keys = region.ravel()[flat]
+    order = np.argsort(keys, kind="stable")
+    flat, keys = flat[order], keys[order]
+    starts = np.searchsorted(keys, np.arange(1, len(counts) + 2))
+    for k, count in enumerate(counts, start=1):
+        pixels = flat[starts[k - 1]:starts[k]]
+        if count <= 0 or not pixels.size:
+            continue
+        rows, cols = np.divmod(pixels, land.shape[1])
+        y0, y1, x0, x1 = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
+        box = (slice(y0, y1), slice(x0, x1))
+        keep_out = (land[box].astype(bool) | (region[box] != k) | (labels[box] > 0)).astype(np.uint8)
+        shift = np.array([x0, y0], np.float64)
+        more_labels, more = _place_ships(rng, count, keep_out, [pier - shift for pier in piers], scale)
+        labels[box][more_labels > 0] = more_labels[more_labels > 0] + len(ships)
+        for ship in more:  # into scene coordinates
+            bx0, by0, bx1, by1 = ship["bbox"]
+            ship.update(center=ship["center"] + shift, polygon=ship["polygon"] + shift,
+                        bbox=(bx0 + x0, by0 + y0, bx1 + x0, by1 + y0))
+        ships += more
+    return labels, ships
+
+
+def render_scene(rng: np.random.Generator, height: int, width: int, n_ships,
+                 scale: float = 1.0, ship_region: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Draw one scene; returns (image (H, W, 3) uint8 RGB, labels (H, W) int32).
 
     labels holds 0 for no ship and k for the k-th ship (1-based, ships never share a pixel).
     ``n_ships`` > 0 guarantees at least one ship (retrying the layout); 0 guarantees none.
     ``scale``: image_size / 768, the size of ships, textures and distractors relative to Kaggle's.
+    ``ship_region``: an (H, W) int map of where ships may lie, 0 nowhere, k > 0 the k-th region,
+    each region with its own ships (``n_ships`` then a sequence, the k-th region's count at k - 1),
+    kept out of the rest as out of land, moored beside ships of their own region only: e.g. the
+    ship cells of a large scene, as many ships in each as in a tile (``bench/bench_detect.py``).
+    Without it, ``n_ships`` (an int) anywhere on the sea.
     """
+    counts = _region_counts(n_ships, ship_region, height, width)
     for attempt in range(6):
         image = _draw_sea(rng, height, width, scale)
         land = np.zeros((height, width), np.uint8)
@@ -403,11 +452,14 @@ def render_scene(rng: np.random.Generator, height: int, width: int, n_ships: int
                 piers = _draw_harbour(rng, image, land, scale)
             elif kind < HARBOUR_PROB + LAND_PROB:
                 _draw_land(rng, image, land, scale)
-        labels, ships = _place_ships(rng, n_ships, land, piers, scale)
-        if n_ships == 0 or ships:
+        if ship_region is None:
+            labels, ships = _place_ships(rng, counts[0], land, piers, scale)
+        else:
+            labels, ships = _place_ships_by_region(rng, counts, land, piers, scale, ship_region)
+        if sum(counts) == 0 or ships:
             break
     else:
-        raise RuntimeError(f"could not place any of {n_ships} ships on a {height}x{width} scene")
+        raise RuntimeError(f"could not place any of {sum(counts)} ships on a {height}x{width} scene")
     for ship in ships:
         if ship["moving"]:
             _draw_wake(rng, image, ship)
@@ -435,7 +487,8 @@ def _image_ids(seed: int, count: int) -> list[str]:
     return ids
 
 
-def _ship_count(rng) -> int:
+def ship_count(rng) -> int:
+    """The ship count of a generated ship tile: 1 to 15, roughly as in train_v2 (SHIP_COUNT_WEIGHTS)."""
     weights = np.asarray(SHIP_COUNT_WEIGHTS, dtype=np.float64)
     return int(rng.choice(len(weights), p=weights / weights.sum())) + 1
 
@@ -521,7 +574,7 @@ def generate_dataset(out_dir: str | os.PathLike, n_train: int, n_test: int, seed
     for scene in range(n_scenes):
         rng = np.random.default_rng([seed, 1, scene])
         # A scene covers (scene_side / image_size)^2 tiles' worth of sea: more ships.
-        n_ships = min(_ship_count(rng) + _ship_count(rng), 2 * len(SHIP_COUNT_WEIGHTS))
+        n_ships = min(ship_count(rng) + ship_count(rng), 2 * len(SHIP_COUNT_WEIGHTS))
         image, labels = render_scene(rng, scene_side, scene_side, n_ships, scale)
         for row in range(SCENE_GRID):
             for col in range(SCENE_GRID):
@@ -559,7 +612,7 @@ def _write_independent(folder: Path, image_ids: list[str], n_empty: int, seed: i
     scale = image_size / KAGGLE_SIZE
     for index, image_id in enumerate(image_ids):
         rng = np.random.default_rng([seed, stream, index])
-        n_ships = 0 if index in empty else _ship_count(rng)
+        n_ships = 0 if index in empty else ship_count(rng)
         image, labels = render_scene(rng, image_size, image_size, n_ships, scale)
         _write_jpeg(folder / image_id, image)
         rows += [(image_id, r) for r in _rles(labels)] or [(image_id, "")]

@@ -1,9 +1,21 @@
 #!/usr/bin/env python
 """Scene detection on a large, mostly-sea scene: gated against ungated slicing, and against SAHI.
 
-The scene: a GeoTIFF mosaic (``--grid`` x ``--grid`` cells, 16 x 16 by default: 4,096 px at the
-demo's 256 px tiles) of the run's generated test tiles, ``--sea`` (85%) of the cells ship-free,
-the rest holding ships, laid out at random (seeded). Three ways over the same scene, with the
+The scene (``--grid`` x ``--grid`` cells, 16 x 16 by default: 4,096 px at the demo's 256 px tiles,
+georeferenced, ``--sea`` (85%) of the cells ship-free, the others holding ships, drawn at random,
+seeded), one of two kinds (``--scene``):
+
+* ``rendered`` (the default): one continuous scene drawn by the generator of the demo's tiles
+  (``module_synthetic.render_scene`` at the scene's size: sea, waves, whitecaps, and the land,
+  harbour or clouds it draws for the seed), as many ships in each ship cell as in a generated
+  ship tile, JPEG-compressed once as the tiles are. What a user's scene looks like: one sea.
+* ``mosaic``: the run's generated test tiles side by side (the figures before the fourteenth
+  session). Unrelated tiles meet at seams that nearly every slice straddles (slices of 256 px at
+  a 224 px stride), and the classifier reads seams as structure: with the fourteenth session's
+  models, 16.7% of the ship-free slices pass a gate of 0.1 against 5.5% of the same cells
+  aligned (BENCHMARKS.md). A harder scene than a real one for the gate.
+
+Three ways over the same scene, with the
 same detector weights (the run's best), the same slices (``DATA.IMAGE_SIZE``, ``--overlap``) and
 the same score threshold, each in its own process so that its peak RSS is its own:
 
@@ -17,8 +29,8 @@ the same score threshold, each in its own process so that its peak RSS is its ow
 Printed: seconds, slices/s, peak RSS and its rise over the process's RSS once the models are
 loaded; ratios against the named baseline; ships found, and agreement: gated against ungated on
 the ship-bearing cells, ours against SAHI's everywhere (instances matched one to one, greedily by
-score, at mask IoU >= 0.9); and the true ships each finds (the mosaic's ground truth, from the
-test tiles' truth CSV, matched at mask IoU >= 0.5).
+score, at mask IoU >= 0.9); and the true ships each finds (the scene's ground truth: the
+generator's labels, or the test tiles' truth CSV for the mosaic; matched at mask IoU >= 0.5).
 
     .venv/bin/python bench/bench_detect.py --config configs/demo.yaml [--run runs/demo] [--grid 16] [KEY VALUE ...]
 
@@ -48,10 +60,12 @@ import numpy as np  # noqa: E402
 import module_config  # noqa: E402
 import module_detect  # noqa: E402
 import module_inference  # noqa: E402
-from module_files import list_images, read_segmentation_csv  # noqa: E402
+from module_files import atomic_path, list_images, read_segmentation_csv  # noqa: E402
 from module_rle import rle_decode  # noqa: E402
 
 METHODS = ("gated", "ungated", "sahi")
+SCENES = ("mosaic", "rendered")
+RENDERED_MAX_SIDE = 8192  # a rendered scene is drawn whole in memory (float32 layers): 4,096 px takes ~1 GB
 MATCH_IOU = 0.9
 TRUTH_IOU = 0.5  # the competition's loosest threshold
 
@@ -60,10 +74,12 @@ def add_scene_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The run and the scene's arguments (also bench_gate_sweep.py's: the same scene)."""
     parser.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"))
     parser.add_argument("--run", default=None, help="run folder with the models (default the config's)")
-    parser.add_argument("--grid", type=int, default=16, help="cells per side of the mosaic")
+    parser.add_argument("--grid", type=int, default=16, help="cells per side of the scene")
     parser.add_argument("--sea", type=float, default=0.85, help="share of ship-free cells")
     parser.add_argument("--overlap", type=int, default=32, help="slice overlap (px)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--scene", choices=SCENES, default="rendered",
+                        help="mosaic: the run's test tiles side by side; rendered: one continuous generated scene")
     return parser
 
 
@@ -85,9 +101,27 @@ def get_cfg(args):
 
 
 # ---------------------------------------------------------------- the scene
-def build_scene(cfg, grid: int, sea: float, seed: int, out: Path) -> dict:
-    """The mosaic GeoTIFF and which cells hold ships: ``{"path", "tile", "ship_cells": [[r, c], ...]}``."""
+SCENE_CRS_EPSG = 32631  # UTM 31N, 3 m pixels: a georeferenced scene, as users' are
+
+
+def scene_transform():
     from affine import Affine
+
+    return Affine.translation(500_000, 4_650_000) * Affine.scale(3, -3)
+
+
+def build_scene(cfg, grid: int, sea: float, seed: int, out: Path, kind: str = "mosaic") -> dict:
+    """The scene GeoTIFF, which cells hold ships and its true ships:
+    ``{"path", "tile", "ship_cells": [[r, c], ...], "true_ships": [Detection JSON, ...], ...}``.
+
+    ``mosaic``: the run's generated test tiles side by side, ``1 - sea`` of the cells ship tiles,
+    the rest ship-free ones (with their land, harbours and clouds); the tiles are unrelated, so
+    nearly every slice straddles a seam between two different scenes. ``rendered``: one continuous
+    scene drawn by the generator of those tiles (:func:`build_rendered_scene`)."""
+    if kind == "rendered":
+        return build_rendered_scene(cfg, grid, sea, seed, out)
+    if kind != "mosaic":
+        raise ValueError(f"scene {kind!r}: expected one of {SCENES}")
     from rasterio.crs import CRS
 
     images = list_images(module_config.get_input_path(cfg, cfg.DATA.TEST_IMAGES))
@@ -113,8 +147,7 @@ def build_scene(cfg, grid: int, sea: float, seed: int, out: Path) -> dict:
             used += 1
         else:
             sources.append(sea_tiles[int(rng.integers(len(sea_tiles)))])
-    module_detect.write_mosaic(sources, grid, path, crs=CRS.from_epsg(32631),
-                               transform=Affine.translation(500_000, 4_650_000) * Affine.scale(3, -3))
+    module_detect.write_mosaic(sources, grid, path, crs=CRS.from_epsg(SCENE_CRS_EPSG), transform=scene_transform())
     rles = truth.loc[truth["EncodedPixels"] != ""].groupby("ImageId")["EncodedPixels"].apply(list)
     true_ships = []
     for cell in sorted(ship_cells):
@@ -124,6 +157,56 @@ def build_scene(cfg, grid: int, sea: float, seed: int, out: Path) -> dict:
             true_ships.append(module_detect.mask_to_detection(mask, r * tile, c * tile, 1.0).to_json())
     return {"path": str(path), "tile": tile, "ship_cells": sorted(divmod(c, grid) for c in ship_cells),
             "n_ship_tiles_available": len(ship_tiles), "true_ships": true_ships}
+
+
+def build_rendered_scene(cfg, grid: int, sea: float, seed: int, out: Path) -> dict:
+    """One continuous generated scene, ``grid`` x ``grid`` cells of ``DATA.IMAGE_SIZE``:
+    ``module_synthetic.render_scene`` at the scene's size and the tiles' scale (sea, waves,
+    whitecaps, and the land, harbour and clouds it draws for the seed, continuous across the
+    scene), its ships within ``1 - sea`` of the cells, drawn at random, as many in each as in a
+    generated ship tile (``module_synthetic.ship_count``: one in most, up to 15). JPEG-compressed and decoded once, at the generator's quality, so that the
+    models see the textures of the tiles they were trained on. No seams: a slice sees one scene.
+    The ship cells returned are those holding ship pixels."""
+    import cv2
+    from rasterio.crs import CRS
+    import rasterio
+
+    import module_synthetic
+
+    tile = cfg.DATA.IMAGE_SIZE
+    side = grid * tile
+    if side > RENDERED_MAX_SIDE:
+        raise SystemExit(f"--scene rendered draws the scene whole in memory: at most {RENDERED_MAX_SIDE} px a side, "
+                         f"not {side} (--grid {grid}); use --scene mosaic for larger scenes")
+    rng = np.random.default_rng(seed)
+    cells = grid * grid
+    n_ship = max(1, round(cells * (1 - sea)))
+    region = np.zeros(cells, np.int32)
+    region[np.sort(rng.choice(cells, n_ship, replace=False))] = np.arange(1, n_ship + 1)
+    region = np.kron(region.reshape(grid, grid), np.ones((tile, tile), np.int32))
+    counts = [module_synthetic.ship_count(rng) for _ in range(n_ship)]  # as many as in a generated ship tile
+    image, labels = module_synthetic.render_scene(rng, side, side, counts, scale=tile / module_synthetic.KAGGLE_SIZE,
+                                                  ship_region=region)
+    ok, jpeg = cv2.imencode(".jpg", np.ascontiguousarray(image[..., ::-1]),
+                            [cv2.IMWRITE_JPEG_QUALITY, module_synthetic.JPEG_QUALITY])
+    image = cv2.imdecode(jpeg, cv2.IMREAD_COLOR)[..., ::-1]
+    path = out / f"scene_{grid}x{grid}_rendered.tif"
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp, rasterio.open(
+            tmp, "w", driver="GTiff", height=side, width=side, count=3, dtype="uint8",
+            crs=CRS.from_epsg(SCENE_CRS_EPSG), transform=scene_transform(), tiled=True, blockxsize=256,
+            blockysize=256, compress="deflate") as dst:
+        dst.write(np.ascontiguousarray(image.transpose(2, 0, 1)))
+    from scipy import ndimage
+
+    true_ships = []
+    for k, box in enumerate(ndimage.find_objects(labels), start=1):
+        if box is not None:
+            detection = module_detect.mask_to_detection(labels[box] == k, box[0].start, box[1].start, 1.0)
+            true_ships.append(detection.to_json())
+    has_ship = labels.reshape(grid, tile, grid, tile).any(axis=(1, 3))
+    return {"path": str(path), "tile": tile, "ship_cells": [list(map(int, rc)) for rc in np.argwhere(has_ship)],
+            "true_ships": true_ships, "scene": "rendered"}
 
 
 # ---------------------------------------------------------------- one method, in its own process
@@ -269,7 +352,7 @@ def main(args) -> int:
     print(f"run {module_config.get_run_dir(cfg)}: detector {module_inference.get_default_weights_path(cfg)}, "
           f"thresholds {thresholds} ({sources}); the submission's gate "
           f"{module_inference.get_thresholds(cfg, overridden=args.opts or ())[0].classifier}")
-    scene = build_scene(cfg, args.grid, args.sea, args.seed, out)
+    scene = build_scene(cfg, args.grid, args.sea, args.seed, out, args.scene)
     (out / "scene.json").write_text(json.dumps(scene))
     side = args.grid * scene["tile"]
     print(f"scene {scene['path']}: {side} x {side} px, {len(scene['ship_cells'])} of {args.grid ** 2} cells with "
@@ -312,7 +395,7 @@ def main(args) -> int:
     truth = scene.get("true_ships", [])
     if truth:
         found = {name: matched_of(truth, r["ships"], TRUTH_IOU) for name, r in results.items()}
-        print(f"  true ships found (the mosaic's ground truth, matched one to one at mask IoU >= {TRUTH_IOU}): "
+        print(f"  true ships found (the scene's ground truth, matched one to one at mask IoU >= {TRUTH_IOU}): "
               + ", ".join(f"{name} {len(n)}" for name, n in found.items()) + f" of {len(truth)}"
               + (f"; found by ungated and missed by gated: {len(found['ungated'] - found['gated'])}, "
                  f"by gated and not ungated: {len(found['gated'] - found['ungated'])}"

@@ -3,8 +3,8 @@
 
 ``bench_detect.py`` measures one gate threshold end to end. This script answers the question
 behind it: at which threshold does a gated scene still find every ship the detector finds
-ungated, and how fast is it there? Over ``bench_detect.py``'s scene (the same mosaic of the run's
-generated test tiles, built the same way and seed), every slice is read once, scored by the gate
+ungated, and how fast is it there? Over ``bench_detect.py``'s scene (``--scene rendered`` or
+``mosaic``, built the same way and seed), every slice is read once, scored by the gate
 (one pass, as ``module_detect`` gates: ``DETECT.GATE_TTA``) and given to the detector alone
 (batch 1, timed). Then, for each threshold, from those records:
 
@@ -130,7 +130,7 @@ def main(args) -> int:
     out = Path(args.out) if args.out else module_config.get_run_dir(cfg) / "bench_gate_sweep"
     print(f"CPU capability {torch.backends.cpu.get_cpu_capability()}, torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}, {os.cpu_count()} cores; run {module_config.get_run_dir(cfg)}")
-    scene = bench_detect.build_scene(cfg, args.grid, args.sea, args.seed, out)
+    scene = bench_detect.build_scene(cfg, args.grid, args.sea, args.seed, out, args.scene)
     truth = scene["true_ships"]
     records, gate_seconds, settings, tiles = record_slices(cfg, scene, args.overlap)
     n = len(records)

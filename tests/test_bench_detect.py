@@ -1,5 +1,7 @@
-"""bench/bench_detect.py's matching of instances (plain logic: which ships two lists share)."""
+"""bench/bench_detect.py: the matching of instances (plain logic: which ships two lists share), the sweep's
+counts, and the rendered scene."""
 import numpy as np
+import pytest
 
 import module_detect
 from bench.bench_detect import match, matched_of, on_ship_cells
@@ -49,3 +51,28 @@ def test_gate_sweep_counts_slices_speed_and_lost_ships_per_threshold():
     assert [r["lost"] for r in rows] == [2, 1, 0, 0]
     assert [r["found"] for r in rows] == [0, 1, 2, 2]
     assert np.allclose([r["ratio"] for r in rows], [3 / 0.2, 3 / 2.2, 3 / 3.2, 3 / 2.2])
+
+
+def test_rendered_scene_is_one_georeferenced_scene_with_its_ships_in_the_ship_cells(tmp_path):
+    """--scene rendered: a continuous generated GeoTIFF, ships only in the drawn ship cells, its
+    true ships (pixel masks in scene coordinates) exactly the ships in the image's labels."""
+    import rasterio
+
+    import module_config
+    from bench.bench_detect import SCENE_CRS_EPSG, build_scene
+
+    cfg = module_config.get_cfg("configs/tiny.yaml")  # 64 px tiles
+    scene = build_scene(cfg, grid=4, sea=0.75, seed=1, out=tmp_path, kind="rendered")
+    with rasterio.open(scene["path"]) as src:
+        assert (src.width, src.height, src.count, src.dtypes[0]) == (256, 256, 3, "uint8")
+        assert src.crs.to_epsg() == SCENE_CRS_EPSG and src.transform.a == 3
+        image = src.read()
+    assert image.std() > 1  # drawn, not blank
+    tile, truth = scene["tile"], scene["true_ships"]
+    assert tile == 64 and truth and 1 <= len(scene["ship_cells"]) <= 4  # 4 of 16 cells drawn as ship cells
+    cells = {tuple(c) for c in scene["ship_cells"]}
+    for ship in truth:
+        assert ((ship["row"] + ship["height"] // 2) // tile, (ship["col"] + ship["width"] // 2) // tile) in cells
+    assert on_ship_cells(truth, scene["ship_cells"], tile) == truth
+    with pytest.raises(SystemExit, match="at most 8192 px"):
+        build_scene(cfg, grid=200, sea=0.85, seed=0, out=tmp_path, kind="rendered")

@@ -254,3 +254,30 @@ def test_prepare_does_nothing_for_real_data_configs(repo_root, tmp_path):
     cfg = module_config.get_cfg(repo_root / "configs" / "airbus.yaml", ["PATHS.INPUT_DIR", str(tmp_path / "input")])
     assert module_synthetic.prepare_synthetic_input(cfg) is None
     assert not (tmp_path / "input").exists()
+
+
+def test_render_scene_keeps_each_regions_ships_in_it():
+    """Ships by region (a large scene's ship cells): each region's count, inside it, none elsewhere;
+    without regions the scene is what it always was (the datasets stay the same by seed)."""
+    side, cell = 256, 64
+    region = np.zeros((side, side), np.int32)
+    region[0:64, 0:64], region[128:192, 64:128], region[192:256, 192:256] = 1, 2, 3
+    image, labels = module_synthetic.render_scene(np.random.default_rng(4), side, side, [2, 0, 3], scale=1 / 3,
+                                                  ship_region=region)
+    assert image.shape == (side, side, 3) and labels.max() >= 1
+    for k in range(1, labels.max() + 1):
+        pixels = region[labels == k]
+        assert pixels.size and np.bincount(pixels).argmax() in (1, 3)  # in region 1 or 3, never 2 or outside
+        assert np.mean(pixels > 0) >= 0.9  # a moored ship may lean out of its region by 10% at most
+    per_region = {r: len({int(k) for k in np.unique(labels[region == r]) if k}) for r in (1, 2, 3)}
+    assert per_region[2] == 0 and 1 <= per_region[1] <= 2 and 1 <= per_region[3] <= 3
+    assert not labels[region == 0].any() or np.mean(labels[region == 0] > 0) < 0.01
+    again = module_synthetic.render_scene(np.random.default_rng(4), side, side, [2, 0, 3], scale=1 / 3, ship_region=region)
+    np.testing.assert_array_equal(again[1], labels)
+    plain = module_synthetic.render_scene(np.random.default_rng(5), 128, 128, 2, scale=1 / 3)
+    np.testing.assert_array_equal(plain[0], module_synthetic.render_scene(np.random.default_rng(5), 128, 128, 2,
+                                                                          scale=1 / 3)[0])
+    with pytest.raises(ValueError, match="3 regions, n_ships 2 counts"):
+        module_synthetic.render_scene(np.random.default_rng(0), side, side, [1, 1], ship_region=region)
+    with pytest.raises(ValueError, match=r"ship_region has shape \(2, 2\), expected \(256, 256\)"):
+        module_synthetic.render_scene(np.random.default_rng(0), side, side, [1], ship_region=np.ones((2, 2), int))
