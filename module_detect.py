@@ -886,6 +886,9 @@ def write_json(path: Path, data) -> Path:
     return write_text_atomic(path, json.dumps(data, indent=1, allow_nan=False) + "\n")
 
 
+QUICKLOOK_PNG_LEVEL = 3  # zlib level of the quicklook PNG (write_quicklook)
+
+
 def write_quicklook(path: Path, ships: Sequence[Detection], info: SceneInfo, settings: DetectSettings,
                     detected_tiles: Sequence[Tile] = ()) -> Path:
     """A downscaled RGB picture of the scene (longest side ``quicklook_size``), the slices the
@@ -908,7 +911,9 @@ def write_quicklook(path: Path, ships: Sequence[Detection], info: SceneInfo, set
             rings.append(np.asarray(polygon.exterior.coords) * [scale_x, scale_y])
     image = module_plots.draw_polygon_outlines(image, rings, colour=(255, 0, 0), thickness=2)
     with atomic_path(path) as tmp:
-        Image.fromarray(image).save(tmp, format="PNG")
+        # zlib level 3, not PIL's 6: a 2,048 px quicklook in 0.31 s against 0.91 (4% larger, 3.2 MB);
+        # on a mostly-sea scene the gate leaves little else, so 6 cost a tenth of the gated time.
+        Image.fromarray(image).save(tmp, format="PNG", compress_level=QUICKLOOK_PNG_LEVEL)
     return path
 
 

@@ -8,7 +8,11 @@ seeded), one of two kinds (``--scene``):
 * ``rendered`` (the default): one continuous scene drawn by the generator of the demo's tiles
   (``module_synthetic.render_scene`` at the scene's size: sea, waves, whitecaps, and the land,
   harbour or clouds it draws for the seed), as many ships in each ship cell as in a generated
-  ship tile, JPEG-compressed once as the tiles are. What a user's scene looks like: one sea.
+  ship tile, JPEG-compressed once as the tiles are. No seams: a slice sees one sea. The
+  generator's distractors keep their tile-sized texture over the whole scene, so land comes as
+  an archipelago over up to half of it and clouds as a speckle over all of it (at the demo's
+  256 px, seeds 5 and 7: land, under 80% open sea; 1: a harbour and clouds; 4: clouds; 0, 2, 3
+  and 6: open sea; BENCHMARKS.md).
 * ``mosaic``: the run's generated test tiles side by side (the figures before the fourteenth
   session). Unrelated tiles meet at seams that nearly every slice straddles (slices of 256 px at
   a 224 px stride), and the classifier reads seams as structure: with the fourteenth session's
@@ -164,9 +168,10 @@ def build_rendered_scene(cfg, grid: int, sea: float, seed: int, out: Path) -> di
     ``module_synthetic.render_scene`` at the scene's size and the tiles' scale (sea, waves,
     whitecaps, and the land, harbour and clouds it draws for the seed, continuous across the
     scene), its ships within ``1 - sea`` of the cells, drawn at random, as many in each as in a
-    generated ship tile (``module_synthetic.ship_count``: one in most, up to 15). JPEG-compressed and decoded once, at the generator's quality, so that the
-    models see the textures of the tiles they were trained on. No seams: a slice sees one scene.
-    The ship cells returned are those holding ship pixels."""
+    generated ship tile (``module_synthetic.ship_count``: one in most, up to 15). JPEG-compressed
+    and decoded once, at the generator's quality, so that the models see the textures of the
+    tiles they were trained on. No seams: a slice sees one scene. The ship cells returned are
+    those holding ship pixels (a cell drawn for ships may get none: land can fill it)."""
     import cv2
     from rasterio.crs import CRS
     import rasterio
@@ -356,8 +361,8 @@ def main(args) -> int:
     (out / "scene.json").write_text(json.dumps(scene))
     side = args.grid * scene["tile"]
     print(f"scene {scene['path']}: {side} x {side} px, {len(scene['ship_cells'])} of {args.grid ** 2} cells with "
-          f"ships ({1 - len(scene['ship_cells']) / args.grid ** 2:.0%} open sea), slices {scene['tile']} px, "
-          f"overlap {args.overlap} px")
+          f"ships ({1 - len(scene['ship_cells']) / args.grid ** 2:.0%} without; land and clouds as drawn), "
+          f"slices {scene['tile']} px, overlap {args.overlap} px")
     methods = [m for m in args.methods.split(",") if m]
     if "sahi" in methods:
         import importlib.util
