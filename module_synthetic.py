@@ -397,6 +397,21 @@ def _region_counts(n_ships, ship_region, height: int, width: int) -> list[int]:
     return counts
 
 
+def label_boxes(labels: np.ndarray, count: int) -> list[tuple[slice, slice] | None]:
+    """The bounding box ``(rows, cols)`` slices of labels 1..``count`` of an (H, W) int map (None
+    for a label that is absent), as ``scipy.ndimage.find_objects`` gives them."""
+    flat = np.flatnonzero(labels)
+    keys = labels.ravel()[flat]
+    rows, cols = np.divmod(flat, labels.shape[1])
+    low = np.full((2, count + 1), np.iinfo(np.int64).max)
+    high = np.full((2, count + 1), -1)
+    for axis, values in enumerate((rows, cols)):
+        np.minimum.at(low[axis], keys, values)
+        np.maximum.at(high[axis], keys, values)
+    return [(slice(int(low[0, k]), int(high[0, k]) + 1), slice(int(low[1, k]), int(high[1, k]) + 1))
+            if high[0, k] >= 0 else None for k in range(1, count + 1)]
+
+
 def _place_ships_by_region(rng, counts, land: np.ndarray, piers: list[np.ndarray], scale: float,
                            region: np.ndarray) -> tuple[np.ndarray, list[dict]]:
     """:func:`_place_ships` region by region (``region`` == k holds ``counts[k - 1]`` ships), each
@@ -404,18 +419,10 @@ def _place_ships_by_region(rng, counts, land: np.ndarray, piers: list[np.ndarray
     already placed; one label map, the ships in scene coordinates."""
     labels = np.zeros(land.shape, np.int32)
     ships: list[dict] = []
-    flat = np.flatnonzero(region)
-    keys = region.ravel()[flat]
-    order = np.argsort(keys, kind="stable")
-    flat, keys = flat[order], keys[order]
-    starts = np.searchsorted(keys, np.arange(1, len(counts) + 2))
-    for k, count in enumerate(counts, start=1):
-        pixels = flat[starts[k - 1]:starts[k]]
-        if count <= 0 or not pixels.size:
+    for k, (count, box) in enumerate(zip(counts, label_boxes(region, len(counts))), start=1):
+        if count <= 0 or box is None:
             continue
-        rows, cols = np.divmod(pixels, land.shape[1])
-        y0, y1, x0, x1 = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
-        box = (slice(y0, y1), slice(x0, x1))
+        y0, x0 = box[0].start, box[1].start
         keep_out = (land[box].astype(bool) | (region[box] != k) | (labels[box] > 0)).astype(np.uint8)
         shift = np.array([x0, y0], np.float64)
         more_labels, more = _place_ships(rng, count, keep_out, [pier - shift for pier in piers], scale)
@@ -499,12 +506,18 @@ def _rles(labels: np.ndarray) -> list[str]:
     return [rle_encode((labels == k).astype(np.uint8)) for k in present[present > 0]]
 
 
-def _write_jpeg(path: Path, image: np.ndarray) -> None:
+def encode_jpeg(image: np.ndarray, what: str = "an image") -> bytes:
+    """(H, W, 3) uint8 RGB -> the generator's JPEG bytes (OpenCV, quality ``JPEG_QUALITY``)."""
     ok, buffer = cv2.imencode(".jpg", np.ascontiguousarray(image[..., ::-1]), [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
     if not ok:
-        raise RuntimeError(f"JPEG encoding failed for {path}")
+        raise RuntimeError(f"JPEG encoding failed for {what}")
+    return buffer.tobytes()
+
+
+def _write_jpeg(path: Path, image: np.ndarray) -> None:
+    data = encode_jpeg(image, str(path))
     with atomic_path(path) as tmp:
-        tmp.write_bytes(buffer.tobytes())
+        tmp.write_bytes(data)
 
 
 def _write_csv(path: Path, rows: list[tuple[str, str]]) -> None:

@@ -192,8 +192,7 @@ def build_rendered_scene(cfg, grid: int, sea: float, seed: int, out: Path) -> di
     counts = [module_synthetic.ship_count(rng) for _ in range(n_ship)]  # as many as in a generated ship tile
     image, labels = module_synthetic.render_scene(rng, side, side, counts, scale=tile / module_synthetic.KAGGLE_SIZE,
                                                   ship_region=region)
-    ok, jpeg = cv2.imencode(".jpg", np.ascontiguousarray(image[..., ::-1]),
-                            [cv2.IMWRITE_JPEG_QUALITY, module_synthetic.JPEG_QUALITY])
+    jpeg = np.frombuffer(module_synthetic.encode_jpeg(image, "the rendered scene"), np.uint8)
     image = cv2.imdecode(jpeg, cv2.IMREAD_COLOR)[..., ::-1]
     path = out / f"scene_{grid}x{grid}_rendered.tif"
     out.mkdir(parents=True, exist_ok=True)
@@ -202,10 +201,8 @@ def build_rendered_scene(cfg, grid: int, sea: float, seed: int, out: Path) -> di
             crs=CRS.from_epsg(SCENE_CRS_EPSG), transform=scene_transform(), tiled=True, blockxsize=256,
             blockysize=256, compress="deflate") as dst:
         dst.write(np.ascontiguousarray(image.transpose(2, 0, 1)))
-    from scipy import ndimage
-
     true_ships = []
-    for k, box in enumerate(ndimage.find_objects(labels), start=1):
+    for k, box in enumerate(module_synthetic.label_boxes(labels, int(labels.max())), start=1):
         if box is not None:
             detection = module_detect.mask_to_detection(labels[box] == k, box[0].start, box[1].start, 1.0)
             true_ships.append(detection.to_json())
