@@ -12,18 +12,5 @@
 #   bash bench/device_check.sh --json "$OUT/device_check.json"
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ -x .venv/bin/python ]; then
-    PY=.venv/bin/python
-else
-    PY=python3
-    if ! "$PY" -c "import detectron2, fastai, pycocotools, simplejpeg" 2>/dev/null; then
-        if [ ! -d .device-wheels ]; then
-            echo "device_check: no .venv and no .device-wheels/ (run bench/device_wheels.sh where PyPI is reachable)" >&2
-            exit 2
-        fi
-        # wheels and the few sdists (fvcore, iopath, yacs), built with the image's setuptools
-        "$PY" -m pip install --quiet --no-index --no-deps --no-build-isolation .device-wheels/*
-    fi
-fi
-export PYTHONUNBUFFERED=1
+source bench/device_env.sh
 exec timeout 480 "$PY" bench/device_check.py "$@"

@@ -22,4 +22,13 @@ pin() { grep -E "^$1==" requirements.txt | cut -d' ' -f1; }
     fastdownload==0.0.8 beartype==0.23.1 antlr4-python3-runtime==4.9.3 \
     python-fasthtml==0.14.14 starlette==1.10.0 python-multipart==0.0.34 itsdangerous==2.2.0
 "$PY" tools/install_detectron2.py --wheel-dir "$OUT"
-ls -la "$OUT"
+# Scene detection (module_detect, bench/bench_detect.py) in a subfolder, installed there with pip's
+# resolver against what the image has (bench/device_tests.sh): rasterio and shapely with the
+# dependencies the image may lack, and SAHI (installed --no-deps: it requires opencv-python) with fire.
+mkdir -p "$OUT/detect"
+"$PY" -m pip download --quiet --no-deps --dest "$OUT/detect" --only-binary=:all: --python-version 3.12 \
+    --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
+    "$(pin rasterio)" "$(pin shapely)" "$(pin affine)" "$(pin cligj)" "$(pin click-plugins)" \
+    attrs certifi click pyparsing sahi==0.12.8 fire termcolor
+ls -la "$OUT" "$OUT/detect"
+du -sh "$OUT"
