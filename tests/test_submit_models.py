@@ -58,7 +58,7 @@ def test_gated_submission_from_real_models_validates_and_scores(tiny_trained, pr
 
 
 def test_every_real_detection_kept_is_made_overlap_free(tiny_cfg, tiny_paths, tiny_config, tiny_dataset, tmp_path,
-                                                        capsys):
+                                                        capsys, monkeypatch):
     """Ungated, no score threshold, no minimum area: an untrained (random-init) Mask R-CNN of the
     tiny config gives 50 overlapping masks per image; they all reach resolve_overlaps, and the
     submission still validates."""
@@ -68,6 +68,12 @@ def test_every_real_detection_kept_is_made_overlap_free(tiny_cfg, tiny_paths, ti
     import module_train
     from module_rle import rle_decode
 
+    if torch.cuda.is_available():
+        # cuDNN runs fp32 convolutions as TF32 by default: the CLI's batch of another shape then
+        # moved 21 of this untrained model's 2,632 near-0.5 mask pixels (H200). The test is of the
+        # overlap removal, not of TF32, so both passes run in full fp32 there.
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     cfg = tiny_cfg()
     torch.manual_seed(0)
     untrained = build_model(module_config.get_model_cfg(cfg))
