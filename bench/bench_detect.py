@@ -27,8 +27,8 @@ the same score threshold, each in its own process so that its peak RSS is its ow
   the scene gate (``DETECT.GATE_SHIP_RECALL``; ``DETECT.GATE_SHIP_RECALL 0``: the submission's gate);
 * **ungated**: the same with the classifier threshold at 0 (the detector on every slice);
 * **sahi**: SAHI 0.12.8's ``get_sliced_prediction`` over ``Detectron2DetectionModel`` (its
-  ``DefaultPredictor``, built from the same detectron2 config and weights), GREEDYNMM / IOS 0.5
-  (SAHI's defaults), no full-image pass; the scene read whole with rasterio, as SAHI needs it.
+  ``DefaultPredictor``, built from the same detectron2 config and weights, on the same device),
+  GREEDYNMM / IOS 0.5 (SAHI's defaults), no full-image pass; the scene read whole with rasterio, as SAHI needs it.
 
 Printed: seconds, slices/s, peak RSS and its rise over the process's RSS once the models are
 loaded; ratios against the named baseline; ships found, and agreement: gated against ungated on
@@ -253,10 +253,12 @@ def run_sahi(cfg, scene: dict, overlap: int) -> dict:
     config_path.write_text(model_cfg.dump())
     import torch
 
-    # what module_inference.load_detector predicts at
+    # what module_inference.load_detector predicts at, on the device it loads to (MODEL.DEVICE: cuda
+    # where there is one; until the fifteenth session SAHI ran on the CPU even on a GPU machine)
     input_size, _ = module_inference.get_input_sizes(cfg, torch.load(weights, map_location="cpu", weights_only=False))
     model = Detectron2DetectionModel(model_path=str(weights), config_path=str(config_path),
-                                     confidence_threshold=thresholds.score, image_size=input_size, device="cpu",
+                                     confidence_threshold=thresholds.score, image_size=input_size,
+                                     device=cfg.MODEL.DEVICE,
                                      category_mapping={"0": "ship"}, load_at_init=True)
     tile = scene["tile"]
     base = rss_mb()
