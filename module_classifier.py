@@ -73,6 +73,8 @@ with module_config.quiet_jit_deprecation():  # fastai scripts a few functions at
         PILImage,
         Resize,
         ResizeMethod,
+        TensorImage,
+        ToTensor,
         TransformBlock,
         aug_transforms,
         imagenet_stats,
@@ -1049,11 +1051,42 @@ def predict_p_ship_arrays(learner: Learner, images: Sequence[np.ndarray], batch_
         int8_model(learner)
     if not images:
         return np.empty(0, dtype=np.float32)
-    # As PIL images the test pipeline starts after the opener (fastai drops the type transforms
-    # that come before an item's type), as for learn.predict(PILImage); in memory: no workers.
+    batches = _array_batches(learner, images, batch_size)
+    return _predict_batches(learner, batches, batch_size, tta, 0, progress, precision, total=len(images))
+
+
+def _array_batches(learner: Learner, images: Sequence[np.ndarray], batch_size: int) -> Iterator[torch.Tensor]:
+    """The learner's test pipeline for in-memory ``images``, a batch at a time, without a fastai
+    DataLoader: each image reduced (:func:`reduce_image`), then the learner's own item transforms
+    only where they change it (its ``Resize``, squish: a reduced tile is already at its size, and PIL
+    returns an image resized to its own size unchanged), stacked, and the learner's batch
+    transforms (to float, ImageNet normalisation) on the loader's device. The same tensors as
+    ``learner.dls.test_dl`` over ``PILImage`` items, at a fraction of its per-item cost: fastai's
+    type dispatch took ~0.8 ms of the 1.9 ms a 256 px slice cost the gate on a 2-core CPU, and more
+    of it on a GPU, where the model costs nearly nothing (BENCHMARKS.md, "Scene detection")."""
     reduce_to = _opener_size(learner)
-    items = [PILImage.create(reduce_image(image, reduce_to)) for image in images]
-    return _predict_batches(learner, items, batch_size, tta, 0, progress, precision)
+    valid = learner.dls.valid
+    item_tfms = [t for t in valid.after_item.fs if not isinstance(t, ToTensor)]
+    batch_tfms = list(valid.after_batch.fs)
+    device = getattr(valid, "device", None) or torch.device("cpu")
+    target = (reduce_to, reduce_to) if reduce_to else None
+    for start in range(0, len(images), batch_size):
+        pixels = []
+        for image in images[start:start + batch_size]:
+            image = reduce_image(image, reduce_to)
+            if image.shape[:2] != target:
+                item = PILImage.create(image)
+                for tfm in item_tfms:
+                    item = tfm(item, split_idx=1)
+                image = np.asarray(item)
+            pixels.append(image)
+        if len({p.shape for p in pixels}) > 1:
+            raise ValueError(f"images {start}..{start + len(pixels) - 1}: the learner's item transforms gave "
+                             f"sizes {sorted({p.shape for p in pixels})}; expected one size to batch")
+        batch = TensorImage(torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).to(device))
+        for tfm in batch_tfms:  # as a test set's: the training split's augmentations pass it by
+            batch = tfm(batch, split_idx=1)
+        yield batch
 
 
 def _opener_size(learner: Learner) -> int | None:
@@ -1088,19 +1121,23 @@ def _forward_views(model: torch.nn.Module, batch: torch.Tensor, views, precision
     return logits
 
 
-def _predict_batches(learner: Learner, paths: list[Path], batch_size: int, tta: bool, num_workers: int,
-                     progress: bool, precision: str) -> np.ndarray:
-    """p_ship of readable ``paths`` (float32, in order): forward passes under
+def _predict_batches(learner: Learner, paths: list[Path] | Iterator[torch.Tensor], batch_size: int, tta: bool,
+                     num_workers: int, progress: bool, precision: str, total: int | None = None) -> np.ndarray:
+    """p_ship of readable ``paths`` (float32, in order), or of the batches of an iterator of
+    prepared batch tensors (:func:`_array_batches`; ``total`` images): forward passes under
     :func:`autocast_context` (or through :func:`int8_model`), softmax and TTA mean in float32."""
     ship = list(learner.dls.vocab).index(SHIP)
-    items = [str(p) if isinstance(p, (str, os.PathLike)) else p for p in paths]  # files, or PIL images (arrays)
-    dl = learner.dls.test_dl(items, bs=batch_size,
-                             num_workers=num_workers, shuffle=False, drop_last=False)
+    if isinstance(paths, list):
+        items = [str(p) if isinstance(p, (str, os.PathLike)) else p for p in paths]  # files, or PIL images
+        dl = learner.dls.test_dl(items, bs=batch_size, num_workers=num_workers, shuffle=False, drop_last=False)
+        total = len(items)
+    else:
+        dl = ((batch,) for batch in paths)
     device = next(learner.model.parameters()).device
     if precision == "int8":  # the quantized copy (int8_model) runs on the CPU, wherever the learner is
         device = torch.device("cpu")
     resolved = resolve_precision(precision, device)
-    logger.debug("p_ship of %d images at %s on %s", len(paths), resolved, device)
+    logger.debug("p_ship of %d images at %s on %s", total, resolved, device)
     views = TTA_FLIP_DIMS if tta else TTA_FLIP_DIMS[:1]
     out = []
     # channels-last convolutions are ~1.4x faster on CPU (oneDNN) and on tensor-core GPUs (int8
@@ -1109,7 +1146,7 @@ def _predict_batches(learner: Learner, paths: list[Path], batch_size: int, tta: 
     model = learner.model.eval().to(memory_format=torch.channels_last) if float_model else int8_model(learner)
     try:
         with torch.inference_mode(), contextlib.nullcontext() if float_model else _quiet_int8_warnings(), \
-                tqdm(total=len(paths), desc="p_ship", unit="img", disable=not progress) as bar:
+                tqdm(total=total, desc="p_ship", unit="img", disable=not progress) as bar:
             for (batch,) in dl:
                 # Plain tensor: fastai's TensorImage dispatch costs time on every layer.
                 batch = batch.as_subclass(torch.Tensor).to(device).contiguous(memory_format=torch.channels_last)

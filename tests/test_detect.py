@@ -454,6 +454,36 @@ def test_array_gate_reduces_larger_slices_as_the_jpeg_decoder_reduces_files(tiny
     np.testing.assert_array_equal(reduce_image(large[0], size), tiles[0])  # 2x2 blocks of one pixel average to it
 
 
+def test_array_batches_are_the_test_dataloaders_tensors(tiny_trained):
+    """The gate's batches of in-memory slices skip fastai's DataLoader but are its tensors exactly:
+    the learner's test pipeline over PIL images of the reduced slices (Resize where a slice is not
+    at the input size, to float, ImageNet normalisation), with none of the training split's batch
+    augmentations (the exported learner's loaders carry Dihedral and Brightness)."""
+    import torch
+    from fastai.vision.all import PILImage
+
+    import module_classifier
+    from module_config import get_classifier_path
+    from module_files import list_images, reduce_image
+
+    learner = module_classifier.load_classifier(get_classifier_path(tiny_trained.cfg))
+    size = module_classifier._opener_size(learner)
+    tiles = [read_image(p) for p in list_images(tiny_trained.input_dir / "test_v2")[:5]]
+    odd = [np.ascontiguousarray(t[:size - 9, :size // 2 + 3]) for t in tiles]  # squished by the learner's Resize
+    assert any(type(t).__name__ in ("Dihedral", "Brightness") for t in learner.dls.valid.after_batch.fs)
+    for images in (tiles, odd):
+        items = [PILImage.create(reduce_image(image, size)) for image in images]
+        expected = [b for (b,) in learner.dls.test_dl(items, bs=2, num_workers=0, shuffle=False)]
+        got = list(module_classifier._array_batches(learner, images, 2))
+        assert [tuple(b.shape) for b in got] == [tuple(b.shape) for b in expected] == \
+            [(2, 3, size, size), (2, 3, size, size), (1, 3, size, size)]
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a.as_subclass(torch.Tensor), b.as_subclass(torch.Tensor), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="one size"):  # a learner without a Resize cannot batch mixed sizes
+        learner.dls.valid.after_item.fs = [t for t in learner.dls.valid.after_item.fs if type(t).__name__ != "Resize"]
+        list(module_classifier._array_batches(learner, [tiles[0], odd[0]], 2))
+
+
 def test_array_gate_matches_the_file_gate_and_gates_slices(tiny_trained, tiny_run_cfg, biased_detector, tmp_path):
     """The classifier on in-memory tiles gives what it gives on the same pixels in files; detect
     records it per slice and sends only slices at or above the threshold to the detector."""
