@@ -76,3 +76,17 @@ def test_rendered_scene_is_one_georeferenced_scene_with_its_ships_in_the_ship_ce
     assert on_ship_cells(truth, scene["ship_cells"], tile) == truth
     with pytest.raises(SystemExit, match="at most 8192 px"):
         build_scene(cfg, grid=200, sea=0.85, seed=0, out=tmp_path, kind="rendered")
+
+
+def test_gate_bench_times_each_part_and_the_direct_path_gives_the_baselines_p_ship(tiny_trained, tiny_config,
+                                                                                      capsys):
+    """bench/bench_gate.py on the tiny run: every part timed, p_ship of the direct path and of
+    fastai's test DataLoader identical."""
+    from bench.bench_gate import get_args_parser, main
+
+    result = main(get_args_parser().parse_args(["--config", str(tiny_config), "--n", "20", "--rounds", "1",
+                                                *tiny_trained.opts]))
+    out = capsys.readouterr().out
+    assert set(result) == {"baseline_ms", "direct_ms", "model alone_ms", "preparation alone_ms"}
+    assert all(ms > 0 for ms in result.values())
+    assert "max |difference| 0.00e+00" in out and "20 slices of 64 px" in out
