@@ -10,6 +10,7 @@ thresholds, visualize, and predict over unreadable images.
 from __future__ import annotations
 
 import logging
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -105,9 +106,15 @@ def test_every_real_detection_kept_is_made_overlap_free(tiny_cfg, tiny_paths, ti
 
 
 def test_tune_on_validation_split_feeds_predict(tiny_trained, predict, tiny_config, tmp_path, capsys, caplog):
-    cfg, input_dir = tiny_trained.cfg, tiny_trained.input_dir
+    # Tuning writes thresholds.yaml into the run, which every later prediction of it would take:
+    # on a copy of the session's run, so that no other test depends on running before this one.
+    runs = tmp_path / "runs"
+    shutil.copytree(tiny_trained.cfg.PATHS.RUNS_DIR, runs)
+    opts = [*tiny_trained.opts, "PATHS.RUNS_DIR", str(runs)]
+    cfg, input_dir = module_config.get_cfg(tiny_config, opts), tiny_trained.input_dir
+    assert not module_config.get_submission_path(cfg, "thresholds").exists()
     tune = ["tune", "--config", tiny_config, "--no-progress"]
-    assert run_cli(*tune, *tiny_trained.opts) == 0
+    assert run_cli(*tune, *opts) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("F2 ")
     thresholds_file = module_config.get_submission_path(cfg, "thresholds")
     saved = yaml.safe_load(thresholds_file.read_text())
@@ -122,26 +129,26 @@ def test_tune_on_validation_split_feeds_predict(tiny_trained, predict, tiny_conf
     assert module_config.get_plot_path(cfg, "tune_f2").is_file() and module_config.get_plot_path(cfg, "val_overlays").is_file()
     # predict now takes the tuned thresholds, and says so.
     with caplog.at_level(logging.INFO, logger="module_submit"):
-        assert predict(tmp_path / "tuned.csv") == 0
+        assert predict(tmp_path / "tuned.csv", "PATHS.RUNS_DIR", str(runs)) == 0
     assert f"SUBMIT.SCORE_THRESHOLD = {saved['thresholds']['SCORE_THRESHOLD']} (from {thresholds_file})" in caplog.text
     # A second tune reuses the cached model outputs (the default); --fresh runs the models again.
     cache = module_config.get_submission_path(cfg, "tune_cache")
     stamp = cache.stat().st_mtime_ns
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="module_tuning"):
-        assert run_cli(*tune, *tiny_trained.opts) == 0
+        assert run_cli(*tune, *opts) == 0
     assert "reused the model outputs" in caplog.text and cache.stat().st_mtime_ns == stamp
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="module_tuning"):
-        assert run_cli(*tune, "--fresh", *tiny_trained.opts) == 0
+        assert run_cli(*tune, "--fresh", *opts) == 0
     assert "reused the model outputs" not in caplog.text and cache.stat().st_mtime_ns != stamp
     # Another test-time input size is another model output: not reused.
     stamp = cache.stat().st_mtime_ns
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="module_tuning"):
-        assert run_cli(*tune, *tiny_trained.opts, "DETECTOR.TEST_SIZE", "96") == 0
+        assert run_cli(*tune, *opts, "DETECTOR.TEST_SIZE", "96") == 0
     assert "made with other models or images: recomputing" in caplog.text and cache.stat().st_mtime_ns != stamp
-    assert run_cli(*tune, *tiny_trained.opts) == 0  # back at the trained size, for the checks below
+    assert run_cli(*tune, *opts) == 0  # back at the trained size, for the checks below
     assert yaml.safe_load(thresholds_file.read_text())["thresholds"] == saved["thresholds"]  # same models, same choice
     # Overlays of the submission against the test truth.
     assert run_cli("visualize", "--submission", tmp_path / "tuned.csv", "--truth",
