@@ -1303,7 +1303,7 @@ def detect(cfg, images: Sequence[str | os.PathLike], out: str | os.PathLike | No
             logger.info("classifier threshold <= 0: ungated, the detector sees every slice")
     elif p_ship_fn is None:
         p_ship_fn = build_p_ship_array_fn(cfg, classifier)
-    detect_fn = detect_fn or build_detect_fn(cfg, weights)
+    detect_fn = detect_fn or build_detect_fn(cfg, weights, thresholds)
     shard_index, shard_count = parse_shard(shard) if shard else (0, 1)
     part = detect_part(scene_paths, settings, detect_fn, p_ship_fn, (shard_index, shard_count), (rank, world_size),
                        failures, progress and rank == 0)

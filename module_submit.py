@@ -391,7 +391,7 @@ def predict_submission(cfg, images: str | Path | None = None, ids: str | Path | 
     p_ship_fn = build_p_ship_fn(cfg, classifier) if thresholds.classifier > 0 else None
     if p_ship_fn is None:
         logger.info("classifier threshold <= 0: ungated, the detector sees every image")
-    detect_fn = build_detect_fn(cfg, weights)
+    detect_fn = build_detect_fn(cfg, weights, thresholds)
     result = predict_rows(image_ids, image_dir, detect_fn, thresholds, p_ship_fn=p_ship_fn,
                           batch_size=cfg.SUBMIT.BATCH_SIZE, chunk_size=4 * cfg.CLASSIFIER.BATCH_SIZE,
                           load_image=lambda path: read_image(path, cfg.DATA.IMAGE_SIZE), progress=progress,

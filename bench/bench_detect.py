@@ -222,7 +222,7 @@ def run_ours(cfg, scene: dict, gated: bool, out: Path, overlap: int, opts=()) ->
     # SUBMIT.* keys given on the command line (e.g. another gate threshold) win over the tuned ones
     overrides = list(opts) if gated else ["SUBMIT.CLASSIFIER_THRESHOLD", "0"]
     thresholds = module_inference.get_scene_thresholds(cfg, overridden=overrides)[0]  # what detect gates at
-    detect_fn = module_inference.build_detect_fn(cfg)
+    detect_fn = module_inference.build_detect_fn(cfg, thresholds=thresholds)
     p_ship_fn = module_inference.build_p_ship_array_fn(cfg) if gated and thresholds.classifier > 0 else None
     run_cfg = cfg
     if not gated:

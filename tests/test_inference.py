@@ -204,6 +204,40 @@ def test_load_detector_and_predict_with_the_real_model(tiny_cfg, tmp_path):
         module_inference.predict_instances(loaded, [np.zeros((8, 8), np.uint8)], input_size=64)
 
 
+def test_score_floor_drops_only_detections_no_threshold_keeps(tiny_cfg, tmp_path):
+    """The detector's own test score filter raised under the prediction's lowest threshold
+    (set_score_floor): fewer raw detections, the same ones after the thresholds. An untrained
+    Mask R-CNN gives 50 overlapping detections per image."""
+    cfg = tiny_cfg("SUBMIT.MERGE_IOS", "0")  # no fragment merging: the thresholds alone set the floor
+    torch.manual_seed(0)
+    module_train.AtomicCheckpointer(build_model(module_config.get_model_cfg(cfg)), str(tmp_path),
+                                    extra_state={"input_size": 64}).save("untrained")
+    model = module_inference.load_detector(cfg, tmp_path / "untrained.pth")
+    images = [_asymmetric_image(), np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)]
+    everything = module_inference.predict_instances(model, images, batch_size=2)
+    scores = np.concatenate([p["scores"] for p in everything])
+    threshold = float(np.quantile(scores, 0.6))  # 40% of the detections pass
+    thresholds = Thresholds(classifier=0.0, score=threshold, min_area=0)
+    floor = module_inference.set_score_floor(model, module_inference.lowest_kept_score(cfg, thresholds))
+    assert floor == pytest.approx(threshold - module_inference.SCORE_FLOOR_MARGIN)
+    assert module_inference.set_score_floor(model, 0.01) == floor  # never lowered
+    floored = module_inference.predict_instances(model, images, batch_size=2)
+    assert sum(len(p["scores"]) for p in floored) < len(scores)
+    assert min(p["scores"].min() for p in floored) > floor
+    for a, b in zip(everything, floored):
+        kept_a, kept_b = module_inference.apply_thresholds(a, thresholds), module_inference.apply_thresholds(b, thresholds)
+        np.testing.assert_array_equal(kept_a[1], kept_b[1])
+        np.testing.assert_array_equal(kept_a[0], kept_b[0])
+        assert len(kept_a[1]) > 0
+    # what each setting lets through: TTA merges the views' scores (no floor); merging, its own minimum
+    by_size = Thresholds(classifier=0.0, score=0.5, min_area=0, score_by_size=(0.3, 0.6), size_edges=(100.0,))
+    assert module_inference.lowest_kept_score(cfg, by_size) == 0.3
+    assert module_inference.lowest_kept_score(tiny_cfg("SUBMIT.TTA", "True"), thresholds) is None
+    merging = tiny_cfg("SUBMIT.MERGE_IOS", "0.3", "SUBMIT.MERGE_MIN_SCORE", "0.2")
+    assert module_inference.lowest_kept_score(merging, Thresholds(0.0, 0.5, 0)) == 0.2
+    assert module_inference.set_score_floor(model, None) is None
+
+
 def test_load_detector_takes_the_runs_best_weights_by_default(tiny_trained, tiny_cfg):
     cfg = tiny_trained.cfg
     assert module_inference.get_default_weights_path(cfg) == module_config.get_detector_path(cfg, "best")
