@@ -713,6 +713,8 @@ def build_p_ship_array_fn(cfg, classifier_path: str | Path | None = None) -> PSh
         raise FileNotFoundError(f"classifier {path} does not exist; train it with module_classifier.py, "
                                 "pass --classifier, or set SUBMIT.CLASSIFIER_THRESHOLD 0 to run ungated")
     learner = module_classifier.load_classifier(path)
+    # channels-last once here, not at every call (predict_p_ship_arrays leaves such a model as it is)
+    learner.model.to(memory_format=torch.channels_last)
 
     def p_ship_array_fn(images: Sequence[np.ndarray]) -> np.ndarray:
         return module_classifier.predict_p_ship_arrays(learner, list(images), batch_size=cfg.CLASSIFIER.BATCH_SIZE,

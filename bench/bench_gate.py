@@ -8,10 +8,13 @@ on a GPU the fifteenth session measured 3.9 ms a slice for the demo's classifier
 ``--n`` generated slices of the run's ``DATA.IMAGE_SIZE`` in calls of ``DETECT.CHUNK_TILES``, at
 ``CLASSIFIER.PRECISION`` on the classifier's device (cuda where there is one), ms a slice for:
 
-* **fastai test_dl** (the baseline; the path before the fifteenth session): the learner's
-  ``test_dl`` over ``PILImage`` items of the reduced slices, then the same forward passes;
-* **direct**: ``predict_p_ship_arrays`` as the gate calls it (the same tensors without fastai's
-  DataLoader and per-item dispatch; p_ship identical, printed);
+* **fastai test_dl** (the baseline; the gate before the fifteenth session): the learner's
+  ``test_dl`` over ``PILImage`` items of the reduced slices, then the same forward passes, the
+  model converted to channels-last and back at each call;
+* **direct, converting each call**: ``predict_p_ship_arrays`` (the same tensors without fastai's
+  DataLoader and per-item dispatch; p_ship identical, printed), the model converted as above;
+* **the gate (direct)**: the same with the model channels-last once, as
+  ``module_inference.build_p_ship_array_fn`` leaves it;
 * **model alone**: the forward passes on batches already prepared on the device (a floor);
 * **preparation alone**: the direct path's batches without the model (reduce, stack, normalise).
 
@@ -115,14 +118,16 @@ def main(args: argparse.Namespace) -> dict:
         return None
 
     results = {}
+    model.to(memory_format=torch.contiguous_format)  # as loaded: each call converts it and back
     baseline, p_baseline = best_ms(fastai_test_dl, slices, chunk, args.rounds)
-    results["direct"], p_direct = best_ms(direct, slices, chunk, args.rounds)
+    results["direct, converting each call"], _ = best_ms(direct, slices, chunk, args.rounds)
+    model.to(memory_format=torch.channels_last)  # as module_inference.build_p_ship_array_fn leaves it
+    results["the gate (direct)"], p_direct = best_ms(direct, slices, chunk, args.rounds)
     results["model alone"], _ = best_ms(model_alone, prepared, 1, args.rounds, len(slices))
-    model.to(memory_format=torch.contiguous_format)
     results["preparation alone"], _ = best_ms(preparation_alone, slices, chunk, args.rounds)
-    print(f"fastai test_dl (baseline)  {baseline:6.2f} ms a slice")
+    print(f"{'fastai test_dl (baseline)':<30} {baseline:6.2f} ms a slice")
     for name, ms in results.items():
-        print(f"{name:<26} {ms:6.2f} ms a slice   {baseline / ms:5.2f}x the baseline's speed")
+        print(f"{name:<30} {ms:6.2f} ms a slice   {baseline / ms:5.2f}x the baseline's speed")
     print(f"p_ship, direct against the baseline: max |difference| {float(np.abs(p_direct - p_baseline).max()):.2e}")
     return {"baseline_ms": baseline, **{f"{k}_ms": v for k, v in results.items()}}
 

@@ -484,6 +484,26 @@ def test_array_batches_are_the_test_dataloaders_tensors(tiny_trained):
         list(module_classifier._array_batches(learner, [tiles[0], odd[0]], 2))
 
 
+def test_the_gates_model_stays_in_the_layout_it_came_in(tiny_trained):
+    """predict_p_ship_arrays converts a contiguous model to channels-last for its passes and puts it
+    back; a model already channels-last (the scene gate's, converted once) is left so; p_ship the same."""
+    import torch
+
+    import module_classifier
+    from module_config import get_classifier_path
+    from module_files import list_images
+
+    learner = module_classifier.load_classifier(get_classifier_path(tiny_trained.cfg))
+    arrays = [read_image(p) for p in list_images(tiny_trained.input_dir / "test_v2")[:6]]
+    assert not module_classifier.is_channels_last(learner.model)
+    first = module_classifier.predict_p_ship_arrays(learner, arrays, batch_size=4, precision="fp32")
+    assert not module_classifier.is_channels_last(learner.model)
+    learner.model.to(memory_format=torch.channels_last)
+    again = module_classifier.predict_p_ship_arrays(learner, arrays, batch_size=4, precision="fp32")
+    assert module_classifier.is_channels_last(learner.model)
+    np.testing.assert_array_equal(first, again)
+
+
 def test_array_gate_matches_the_file_gate_and_gates_slices(tiny_trained, tiny_run_cfg, biased_detector, tmp_path):
     """The classifier on in-memory tiles gives what it gives on the same pixels in files; detect
     records it per slice and sends only slices at or above the threshold to the detector."""
