@@ -1061,9 +1061,10 @@ def _array_batches(learner: Learner, images: Sequence[np.ndarray], batch_size: i
     only where they change it (its ``Resize``, squish: a reduced tile is already at its size, and PIL
     returns an image resized to its own size unchanged), stacked, and the learner's batch
     transforms (to float, ImageNet normalisation) on the loader's device. The same tensors as
-    ``learner.dls.test_dl`` over ``PILImage`` items, at a fraction of its per-item cost: fastai's
-    type dispatch took ~0.8 ms of the 1.9 ms a 256 px slice cost the gate on a 2-core CPU, and more
-    of it on a GPU, where the model costs nearly nothing (BENCHMARKS.md, "Scene detection")."""
+    ``learner.dls.test_dl`` over ``PILImage`` items, without its per-item cost: the DataLoader and
+    fastai's type dispatch took ~0.3 ms of the ~1.8 ms a 256 px slice cost the gate on a 2-core
+    CPU (``bench/bench_gate.py``). On a GPU, where the model costs nearly nothing, the gate cost
+    3.9 ms a slice, not yet split into its parts (BENCHMARKS.md, "GPU")."""
     reduce_to = _opener_size(learner)
     valid = learner.dls.valid
     item_tfms = [t for t in valid.after_item.fs if not isinstance(t, ToTensor)]
