@@ -1122,18 +1122,19 @@ def _forward_views(model: torch.nn.Module, batch: torch.Tensor, views, precision
     return logits
 
 
-def _predict_batches(learner: Learner, paths: list[Path] | Iterator[torch.Tensor], batch_size: int, tta: bool,
+def _predict_batches(learner: Learner, inputs: list[Path] | Iterator[torch.Tensor], batch_size: int, tta: bool,
                      num_workers: int, progress: bool, precision: str, total: int | None = None) -> np.ndarray:
-    """p_ship of readable ``paths`` (float32, in order), or of the batches of an iterator of
-    prepared batch tensors (:func:`_array_batches`; ``total`` images): forward passes under
-    :func:`autocast_context` (or through :func:`int8_model`), softmax and TTA mean in float32."""
+    """p_ship (float32, in order) of readable image ``inputs`` (files or PIL images), or of the
+    batches of an iterator of prepared batch tensors (:func:`_array_batches`; ``total`` images):
+    forward passes under :func:`autocast_context` (or through :func:`int8_model`), softmax and TTA
+    mean in float32."""
     ship = list(learner.dls.vocab).index(SHIP)
-    if isinstance(paths, list):
-        items = [str(p) if isinstance(p, (str, os.PathLike)) else p for p in paths]  # files, or PIL images
+    if isinstance(inputs, list):
+        items = [str(p) if isinstance(p, (str, os.PathLike)) else p for p in inputs]
         dl = learner.dls.test_dl(items, bs=batch_size, num_workers=num_workers, shuffle=False, drop_last=False)
         total = len(items)
     else:
-        dl = ((batch,) for batch in paths)
+        dl = ((batch,) for batch in inputs)
     device = next(learner.model.parameters()).device
     if precision == "int8":  # the quantized copy (int8_model) runs on the CPU, wherever the learner is
         device = torch.device("cpu")

@@ -103,13 +103,13 @@ def main(args: argparse.Namespace) -> dict:
 
     prepared = [b for i in range(0, len(slices), chunk)
                 for b in module_classifier._array_batches(learner, slices[i:i + chunk], batch_size)]
-    model = learner.model.eval().to(memory_format=torch.channels_last)
+    model = learner.model.eval()  # contiguous, as loaded: each call converts it and back
 
     def model_alone(batches):
         with torch.inference_mode():
             for batch in batches:
                 batch = batch.as_subclass(torch.Tensor).contiguous(memory_format=torch.channels_last)
-                module_classifier._forward_views(model, batch, [()], precision, device)
+                module_classifier._forward_views(model, batch, module_classifier.TTA_FLIP_DIMS[:1], precision, device)
         return None
 
     def preparation_alone(images):
@@ -118,7 +118,6 @@ def main(args: argparse.Namespace) -> dict:
         return None
 
     results = {}
-    model.to(memory_format=torch.contiguous_format)  # as loaded: each call converts it and back
     baseline, p_baseline = best_ms(fastai_test_dl, slices, chunk, args.rounds)
     results["direct, converting each call"], _ = best_ms(direct, slices, chunk, args.rounds)
     model.to(memory_format=torch.channels_last)  # as module_inference.build_p_ship_array_fn leaves it
