@@ -2,10 +2,8 @@
 # Copy what scene detection's benches need of a run (its config, the classifier export, the best
 # detector weights, the tuned thresholds; 28 MB for the demo's) into runs/device/, to carry to a
 # lent GPU machine (the device tool's `carry`, 64 MiB in all: .device-wheels/ is 42 MB, so carry
-# the two in separate calls while the machine stays warm). On the device machine:
-#   DEVICE_DETECT=1 source bench/device_env.sh
-#   $PY bench/bench_gate.py --run runs/device
-#   $PY bench/bench_detect.py --run runs/device --seed 0 --out "$OUT/bench_detect"
+# the two in separate calls while the machine stays warm). On the device machine, every scene bench
+# in one call: bash bench/device_scene.sh "$OUT"
 # Usage: bash bench/device_run.sh [runs/demo]
 set -euo pipefail
 cd "$(dirname "$0")/.."

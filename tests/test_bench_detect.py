@@ -91,3 +91,30 @@ def test_gate_bench_times_each_part_and_the_direct_path_gives_the_baselines_p_sh
                            "preparation alone_ms"}
     assert all(ms > 0 for ms in result.values())
     assert "max |difference| 0.00e+00" in out and "20 slices of 64 px" in out
+
+
+@pytest.mark.slow
+def test_device_scene_script_runs_every_bench_and_brings_back_their_summaries(tiny_trained, tiny_config, tmp_path):
+    """bench/device_scene.sh, the scene benches prepared for a lent GPU, on the tiny run on this CPU:
+    bench_gate's printout, and for each scene size bench_detect's summary of the gated and ungated
+    runs (SAHI where installed, on the first size only); the scenes themselves are not kept in OUT."""
+    import json
+    import os
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "out"
+    env = dict(os.environ, SCENE_GRIDS="3 4", GATE_SLICES="8")
+    result = subprocess.run(["bash", "bench/device_scene.sh", str(out), "--config", str(tiny_config),
+                             *tiny_trained.opts], cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "max |difference| 0.00e+00" in (out / "bench_gate.log").read_text()
+    for grid in (3, 4):
+        summary = json.loads((out / f"bench_detect_grid{grid}.json").read_text())
+        assert {"gated", "ungated"} <= set(summary)
+        assert grid == 3 or "sahi" not in summary  # SAHI on the first size only
+        assert summary["ungated"]["counts"]["tiles_detected"] == summary["ungated"]["counts"]["tiles_total"] > 0
+    assert sorted(p.name for p in out.iterdir()) == ["bench_detect_grid3.json", "bench_detect_grid3.log",
+                                                      "bench_detect_grid4.json", "bench_detect_grid4.log",
+                                                      "bench_gate.log", "device.txt"]
