@@ -61,6 +61,7 @@ with module_config.quiet_jit_deprecation():  # fastai scripts a few functions at
     from fastai.callback.tensorboard import TensorBoardCallback
     from fastai.metrics import AccumMetric, ActivationType, accuracy, skm_to_fastai
     from fastai.vision.all import (
+        AffineCoordTfm,
         CategoryBlock,
         ColReader,
         ColSplitter,
@@ -581,7 +582,7 @@ def calibrate_int8(learner: Learner, image_paths: Sequence[str | os.PathLike], b
     if not paths:
         raise ValueError("calibrate_int8: no calibration images")
     prepared = _prepare_int8(learner)
-    dl = learner.dls.test_dl(paths, bs=batch_size, num_workers=0, shuffle=False, drop_last=False)
+    dl = test_dataloader(learner, paths, batch_size)
     with torch.inference_mode(), tqdm(total=len(paths), desc="int8 calibration", unit="img",
                                       disable=not progress) as bar:
         for (batch,) in dl:
@@ -1060,15 +1061,16 @@ def _array_batches(learner: Learner, images: Sequence[np.ndarray], batch_size: i
     DataLoader: each image reduced (:func:`reduce_image`), then the learner's own item transforms
     only where they change it (its ``Resize``, squish: a reduced tile is already at its size, and PIL
     returns an image resized to its own size unchanged), stacked, and the learner's batch
-    transforms (to float, ImageNet normalisation) on the loader's device. The same tensors as
-    ``learner.dls.test_dl`` over ``PILImage`` items, without its per-item cost: the DataLoader and
-    fastai's type dispatch took ~0.3 ms of the ~1.8 ms a 256 px slice cost the gate on a 2-core
-    CPU (``bench/bench_gate.py``). On a GPU, where the model costs nearly nothing, the gate cost
-    3.9 ms a slice, not yet split into its parts (BENCHMARKS.md, "GPU")."""
+    transforms (to float, ImageNet normalisation) on the loader's device, but for those that only
+    resample (:func:`_only_resamples`). The same tensors as :func:`test_dataloader` over
+    ``PILImage`` items (the files' path), without its per-item cost: the DataLoader and fastai's
+    type dispatch took ~0.3 ms of the ~1.8 ms a 256 px slice cost the gate on a 2-core CPU
+    (``bench/bench_gate.py``). On a GPU, where the model costs nearly nothing, the gate cost 3.9
+    ms a slice, not yet split into its parts (BENCHMARKS.md, "GPU")."""
     reduce_to = _opener_size(learner)
     valid = learner.dls.valid
     item_tfms = [t for t in valid.after_item.fs if not isinstance(t, ToTensor)]
-    batch_tfms = list(valid.after_batch.fs)
+    batch_tfms = [t for t in valid.after_batch.fs if not _only_resamples(t)]
     device = getattr(valid, "device", None) or torch.device("cpu")
     target = (reduce_to, reduce_to) if reduce_to else None
     for start in range(0, len(images), batch_size):
@@ -1088,6 +1090,24 @@ def _array_batches(learner: Learner, images: Sequence[np.ndarray], batch_size: i
         for tfm in batch_tfms:  # as a test set's: the training split's augmentations pass it by
             batch = tfm(batch, split_idx=1)
         yield batch
+
+
+def test_dataloader(learner: Learner, items: Sequence, batch_size: int, num_workers: int = 0):
+    """``learner.dls.test_dl`` over ``items`` (files or PIL images), in order, without the batch
+    transforms that only resample (:func:`_only_resamples`): every prediction of files goes through
+    it, so that files and in-memory slices (:func:`_array_batches`) give the same tensors."""
+    dl = learner.dls.test_dl(items, bs=batch_size, num_workers=num_workers, shuffle=False, drop_last=False)
+    dl.after_batch.fs = dl.after_batch.fs.filter(lambda t: not _only_resamples(t))  # this loader's own pipeline
+    return dl
+
+
+def _only_resamples(tfm) -> bool:
+    """Whether batch transform ``tfm`` does nothing at the test split but resample the batch onto
+    its own grid: fastai's affine augmentations (:class:`AffineCoordTfm`: the flips and rotation of
+    ``aug_transforms``) use the identity matrix outside training, and without an output ``size``
+    they keep the batch's, so all that is left is a bilinear ``grid_sample`` at the pixel centres
+    (the same values to ~1e-5; 0.7 ms a 256 px slice on a 2-core CPU, a fifth of the gate)."""
+    return isinstance(tfm, AffineCoordTfm) and getattr(tfm, "size", None) is None
 
 
 def _opener_size(learner: Learner) -> int | None:
@@ -1131,7 +1151,7 @@ def _predict_batches(learner: Learner, inputs: list[Path] | Iterator[torch.Tenso
     ship = list(learner.dls.vocab).index(SHIP)
     if isinstance(inputs, list):
         items = [str(p) if isinstance(p, (str, os.PathLike)) else p for p in inputs]
-        dl = learner.dls.test_dl(items, bs=batch_size, num_workers=num_workers, shuffle=False, drop_last=False)
+        dl = test_dataloader(learner, items, batch_size, num_workers)
         total = len(items)
     else:
         dl = ((batch,) for batch in inputs)

@@ -8,15 +8,18 @@ on a GPU the fifteenth session measured 3.9 ms a slice for the demo's classifier
 ``--n`` generated slices of the run's ``DATA.IMAGE_SIZE`` in calls of ``DETECT.CHUNK_TILES``, at
 ``CLASSIFIER.PRECISION`` on the classifier's device (cuda where there is one), ms a slice for:
 
-* **fastai test_dl** (the baseline; the gate before the fifteenth session): the learner's
-  ``test_dl`` over ``PILImage`` items of the reduced slices, then the same forward passes, the
-  model converted to channels-last and back at each call;
+* **fastai test_dl** (the baseline; the gate before the fifteenth session, without the identity
+  resampling below): ``module_classifier.test_dataloader`` over ``PILImage`` items of the reduced
+  slices, then the same forward passes, the model converted to channels-last and back at each call;
 * **direct, converting each call**: ``predict_p_ship_arrays`` (the same tensors without fastai's
   DataLoader and per-item dispatch; p_ship identical, printed), the model converted as above;
 * **the gate (direct)**: the same with the model channels-last once, as
   ``module_inference.build_p_ship_array_fn`` leaves it;
 * **model alone**: the forward passes on batches already prepared on the device (a floor);
-* **preparation alone**: the direct path's batches without the model (reduce, stack, normalise).
+* **preparation alone**: the direct path's batches without the model (reduce, stack, normalise);
+* **identity resampling alone**: what every path did until the sixteenth session and now skips
+  (``module_classifier._only_resamples``: fastai's flip and rotation transform, the identity at the
+  test split, resampling each batch onto its own grid), timed on the prepared batches.
 
     .venv/bin/python bench/bench_gate.py [--config configs/demo.yaml] [--run runs/demo] [--n 320] [KEY VALUE ...]
 """
@@ -103,7 +106,10 @@ def main(args: argparse.Namespace) -> dict:
 
     prepared = [b for i in range(0, len(slices), chunk)
                 for b in module_classifier._array_batches(learner, slices[i:i + chunk], batch_size)]
-    model = learner.model.eval()  # contiguous, as loaded: each call converts it and back
+    # the model the gate runs: the learner's (contiguous, as loaded: each call converts it and
+    # back), or its int8 copy (CLASSIFIER.PRECISION int8: predict_p_ship_arrays runs that one)
+    int8 = module_classifier.resolve_precision(precision, device) == "int8"
+    model = module_classifier.int8_model(learner) if int8 else learner.model.eval()
 
     def model_alone(batches):
         with torch.inference_mode():
@@ -117,13 +123,23 @@ def main(args: argparse.Namespace) -> dict:
             pass
         return None
 
+    resamplers = [t for t in learner.dls.valid.after_batch.fs if module_classifier._only_resamples(t)]
+
+    def resampling_alone(batches):
+        for batch in batches:
+            for tfm in resamplers:
+                tfm(batch, split_idx=1)
+        return None
+
     results = {}
     baseline, p_baseline = best_ms(fastai_test_dl, slices, chunk, args.rounds)
     results["direct, converting each call"], _ = best_ms(direct, slices, chunk, args.rounds)
-    model.to(memory_format=torch.channels_last)  # as module_inference.build_p_ship_array_fn leaves it
+    learner.model.to(memory_format=torch.channels_last)  # as module_inference.build_p_ship_array_fn leaves it
     results["the gate (direct)"], p_direct = best_ms(direct, slices, chunk, args.rounds)
     results["model alone"], _ = best_ms(model_alone, prepared, 1, args.rounds, len(slices))
     results["preparation alone"], _ = best_ms(preparation_alone, slices, chunk, args.rounds)
+    if resamplers:
+        results["identity resampling alone"], _ = best_ms(resampling_alone, prepared, 1, args.rounds, len(slices))
     print(f"{'fastai test_dl (baseline)':<30} {baseline:6.2f} ms a slice")
     for name, ms in results.items():
         print(f"{name:<30} {ms:6.2f} ms a slice   {baseline / ms:5.2f}x the baseline's speed")

@@ -88,7 +88,7 @@ def test_gate_bench_times_each_part_and_the_direct_path_gives_the_baselines_p_sh
                                                 *tiny_trained.opts]))
     out = capsys.readouterr().out
     assert set(result) == {"baseline_ms", "direct, converting each call_ms", "the gate (direct)_ms", "model alone_ms",
-                           "preparation alone_ms"}
+                           "preparation alone_ms", "identity resampling alone_ms"}
     assert all(ms > 0 for ms in result.values())
     assert "max |difference| 0.00e+00" in out and "20 slices of 64 px" in out
 

@@ -455,12 +455,14 @@ def test_array_gate_reduces_larger_slices_as_the_jpeg_decoder_reduces_files(tiny
 
 
 def test_array_batches_are_the_test_dataloaders_tensors(tiny_trained):
-    """The gate's batches of in-memory slices skip fastai's DataLoader but are its tensors exactly:
-    the learner's test pipeline over PIL images of the reduced slices (Resize where a slice is not
-    at the input size, to float, ImageNet normalisation), with none of the training split's batch
-    augmentations (the exported learner's loaders carry Dihedral and Brightness)."""
+    """The gate's batches of in-memory slices skip fastai's DataLoader but are the files' tensors
+    exactly: the learner's test pipeline over PIL images of the reduced slices (Resize where a
+    slice is not at the input size, to float, ImageNet normalisation), with none of the training
+    split's batch augmentations (the exported learner's loaders carry Dihedral and Brightness).
+    Dihedral, an affine transform with the identity matrix at the test split, only resamples the
+    batch there (values moved by ~1e-5): both paths skip it; one with an output size is kept."""
     import torch
-    from fastai.vision.all import PILImage
+    from fastai.vision.all import AffineCoordTfm, Normalize, PILImage
 
     import module_classifier
     from module_config import get_classifier_path
@@ -471,9 +473,15 @@ def test_array_batches_are_the_test_dataloaders_tensors(tiny_trained):
     tiles = [read_image(p) for p in list_images(tiny_trained.input_dir / "test_v2")[:5]]
     odd = [np.ascontiguousarray(t[:size - 9, :size // 2 + 3]) for t in tiles]  # squished by the learner's Resize
     assert any(type(t).__name__ in ("Dihedral", "Brightness") for t in learner.dls.valid.after_batch.fs)
+    assert [type(t).__name__ for t in learner.dls.valid.after_batch.fs if module_classifier._only_resamples(t)] == \
+        ["Dihedral"]
+    assert not module_classifier._only_resamples(AffineCoordTfm(size=8))  # it resizes: kept
+    assert not module_classifier._only_resamples(Normalize.from_stats([0.5] * 3, [0.2] * 3))
     for images in (tiles, odd):
         items = [PILImage.create(reduce_image(image, size)) for image in images]
-        expected = [b for (b,) in learner.dls.test_dl(items, bs=2, num_workers=0, shuffle=False)]
+        expected = [b for (b,) in module_classifier.test_dataloader(learner, items, 2)]
+        resampled = [b for (b,) in learner.dls.test_dl(items, bs=2, num_workers=0, shuffle=False)]
+        assert 0 < max(float((a - b).abs().max()) for a, b in zip(resampled, expected)) < 1e-4
         got = list(module_classifier._array_batches(learner, images, 2))
         assert [tuple(b.shape) for b in got] == [tuple(b.shape) for b in expected] == \
             [(2, 3, size, size), (2, 3, size, size), (1, 3, size, size)]
