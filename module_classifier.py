@@ -582,7 +582,7 @@ def calibrate_int8(learner: Learner, image_paths: Sequence[str | os.PathLike], b
     if not paths:
         raise ValueError("calibrate_int8: no calibration images")
     prepared = _prepare_int8(learner)
-    dl = test_dataloader(learner, paths, batch_size)
+    dl = prediction_dataloader(learner, paths, batch_size)
     with torch.inference_mode(), tqdm(total=len(paths), desc="int8 calibration", unit="img",
                                       disable=not progress) as bar:
         for (batch,) in dl:
@@ -1062,7 +1062,7 @@ def _array_batches(learner: Learner, images: Sequence[np.ndarray], batch_size: i
     only where they change it (its ``Resize``, squish: a reduced tile is already at its size, and PIL
     returns an image resized to its own size unchanged), stacked, and the learner's batch
     transforms (to float, ImageNet normalisation) on the loader's device, but for those that only
-    resample (:func:`_only_resamples`). The same tensors as :func:`test_dataloader` over
+    resample (:func:`_only_resamples`). The same tensors as :func:`prediction_dataloader` over
     ``PILImage`` items (the files' path), without its per-item cost: the DataLoader and fastai's
     type dispatch took ~0.3 ms of the ~1.8 ms a 256 px slice cost the gate on a 2-core CPU
     (``bench/bench_gate.py``). On a GPU, where the model costs nearly nothing, the gate cost 3.9
@@ -1092,7 +1092,7 @@ def _array_batches(learner: Learner, images: Sequence[np.ndarray], batch_size: i
         yield batch
 
 
-def test_dataloader(learner: Learner, items: Sequence, batch_size: int, num_workers: int = 0):
+def prediction_dataloader(learner: Learner, items: Sequence, batch_size: int, num_workers: int = 0):
     """``learner.dls.test_dl`` over ``items`` (files or PIL images), in order, without the batch
     transforms that only resample (:func:`_only_resamples`): every prediction of files goes through
     it, so that files and in-memory slices (:func:`_array_batches`) give the same tensors."""
@@ -1106,7 +1106,8 @@ def _only_resamples(tfm) -> bool:
     its own grid: fastai's affine augmentations (:class:`AffineCoordTfm`: the flips and rotation of
     ``aug_transforms``) use the identity matrix outside training, and without an output ``size``
     they keep the batch's, so all that is left is a bilinear ``grid_sample`` at the pixel centres
-    (the same values to ~1e-5; 0.7 ms a 256 px slice on a 2-core CPU, a fifth of the gate)."""
+    (the same values to ~1e-5; on a 2-core CPU 0.18 ms a slice at 128 px and 0.8-1.0 ms at 256,
+    ``bench/bench_gate.py``)."""
     return isinstance(tfm, AffineCoordTfm) and getattr(tfm, "size", None) is None
 
 
@@ -1151,7 +1152,7 @@ def _predict_batches(learner: Learner, inputs: list[Path] | Iterator[torch.Tenso
     ship = list(learner.dls.vocab).index(SHIP)
     if isinstance(inputs, list):
         items = [str(p) if isinstance(p, (str, os.PathLike)) else p for p in inputs]
-        dl = test_dataloader(learner, items, batch_size, num_workers)
+        dl = prediction_dataloader(learner, items, batch_size, num_workers)
         total = len(items)
     else:
         dl = ((batch,) for batch in inputs)

@@ -9,8 +9,9 @@ on a GPU the fifteenth session measured 3.9 ms a slice for the demo's classifier
 ``CLASSIFIER.PRECISION`` on the classifier's device (cuda where there is one), ms a slice for:
 
 * **fastai test_dl** (the baseline; the gate before the fifteenth session, without the identity
-  resampling below): ``module_classifier.test_dataloader`` over ``PILImage`` items of the reduced
-  slices, then the same forward passes, the model converted to channels-last and back at each call;
+  resampling below): ``module_classifier.prediction_dataloader`` over ``PILImage`` items of the
+  reduced slices, then the same forward passes, the model converted to channels-last and back at
+  each call;
 * **direct, converting each call**: ``predict_p_ship_arrays`` (the same tensors without fastai's
   DataLoader and per-item dispatch; p_ship identical, printed), the model converted as above;
 * **the gate (direct)**: the same with the model channels-last once, as

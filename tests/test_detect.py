@@ -454,7 +454,7 @@ def test_array_gate_reduces_larger_slices_as_the_jpeg_decoder_reduces_files(tiny
     np.testing.assert_array_equal(reduce_image(large[0], size), tiles[0])  # 2x2 blocks of one pixel average to it
 
 
-def test_array_batches_are_the_test_dataloaders_tensors(tiny_trained):
+def test_array_batches_are_the_prediction_dataloaders_tensors(tiny_trained):
     """The gate's batches of in-memory slices skip fastai's DataLoader but are the files' tensors
     exactly: the learner's test pipeline over PIL images of the reduced slices (Resize where a
     slice is not at the input size, to float, ImageNet normalisation), with none of the training
@@ -479,7 +479,7 @@ def test_array_batches_are_the_test_dataloaders_tensors(tiny_trained):
     assert not module_classifier._only_resamples(Normalize.from_stats([0.5] * 3, [0.2] * 3))
     for images in (tiles, odd):
         items = [PILImage.create(reduce_image(image, size)) for image in images]
-        expected = [b for (b,) in module_classifier.test_dataloader(learner, items, 2)]
+        expected = [b for (b,) in module_classifier.prediction_dataloader(learner, items, 2)]
         resampled = [b for (b,) in learner.dls.test_dl(items, bs=2, num_workers=0, shuffle=False)]
         assert 0 < max(float((a - b).abs().max()) for a, b in zip(resampled, expected)) < 1e-4
         got = list(module_classifier._array_batches(learner, images, 2))
