@@ -203,6 +203,9 @@ def build_dataloaders(cfg, frame: pd.DataFrame, masks: bool | None = None):
     ``(images, ship masks, labels)`` (:class:`ShipMask`: flipped and rotated with the images;
     :class:`ShipCellsLoss` takes the masks off before the loss and metrics see the batch)."""
     size = cfg.CLASSIFIER.IMAGE_SIZE
+    if size % cfg.CLASSIFIER.SPACE_TO_DEPTH:
+        raise ValueError(f"CLASSIFIER.IMAGE_SIZE {size} is not a multiple of CLASSIFIER.SPACE_TO_DEPTH "
+                         f"{cfg.CLASSIFIER.SPACE_TO_DEPTH}: expected whole blocks of pixels")
     image = TransformBlock(type_tfms=ReducedImageOpener(size, cfg.DATA.IMAGE_SIZE), batch_tfms=IntToFloatTensor)
     blocks, getters = (image, CategoryBlock(vocab=CLASSES)), [get_file_name, ColReader("label")]
     if cfg.CLASSIFIER.CELL_LOSS_WEIGHT > 0 if masks is None else masks:
@@ -326,10 +329,41 @@ def build_learner(cfg, dls, loss_func, path: Path) -> Learner:
     learn = vision_learner(dls, arch, normalize=False,  # get_augmentations normalizes
                            pretrained=cfg.CLASSIFIER.PRETRAINED, loss_func=loss_func,
                            metrics=get_metrics(), path=path)
+    if cfg.CLASSIFIER.SPACE_TO_DEPTH > 1:
+        learn.model[0][0] = SpaceToDepthStem(learn.model[0][0], cfg.CLASSIFIER.SPACE_TO_DEPTH)
     if cfg.CLASSIFIER.CELL_LOSS_WEIGHT > 0:
         learn.model = ShipCellsModel(learn.model[0], learn.model[1])
         learn.add_cb(ShipCellsLoss(cfg.CLASSIFIER.CELL_LOSS_WEIGHT))
     return learn
+
+
+class SpaceToDepthStem(torch.nn.Module):
+    """The ResNet's first convolution on the image rearranged space to depth
+    (``CLASSIFIER.SPACE_TO_DEPTH``): each ``block`` x ``block`` square of pixels becomes one pixel
+    of ``3 * block**2`` channels (``torch.nn.PixelUnshuffle``), and the convolution (the same
+    kernel, stride and padding as ``conv``) reads those channels. The rest of the network runs at
+    ``1 / block`` the side, so it costs what it would on an image resized to that side, but no
+    pixel is averaged away first: a ship a few pixels across keeps its contrast.
+
+    Its weights start as ``conv``'s, each input channel's spread evenly over its ``block**2``
+    sub-pixels: the stem then computes exactly ``conv`` on the image average-pooled by ``block``,
+    as the classifier on the smaller image starts (ImageNet's stem, when pretrained).
+    ``module_train.classifier_body_to_detectron2`` folds them back into one RGB kernel."""
+
+    def __init__(self, conv: torch.nn.Conv2d, block: int):
+        super().__init__()
+        self.block = int(block)
+        self.unshuffle = torch.nn.PixelUnshuffle(self.block)
+        self.conv = torch.nn.Conv2d(conv.in_channels * self.block ** 2, conv.out_channels, conv.kernel_size,
+                                    stride=conv.stride, padding=conv.padding, bias=conv.bias is not None)
+        with torch.no_grad():
+            # PixelUnshuffle's output channel c * block**2 + k is input channel c's sub-pixel k
+            self.conv.weight.copy_(conv.weight.repeat_interleave(self.block ** 2, dim=1) / self.block ** 2)
+            if conv.bias is not None:
+                self.conv.bias.copy_(conv.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(self.unshuffle(x))
 
 
 def drop_cell_head(learn: Learner, cfg, frame: pd.DataFrame) -> Learner:
@@ -797,6 +831,9 @@ class RunProgress(Callback):
 # CLASSIFIER keys that change nothing in the trained weights (prediction settings): an export is
 # reused across changes of these.
 PREDICTION_ONLY_KEYS = ("TTA", "NUM_WORKERS", "BATCH_SIZE_PREDICT")
+# Keys added after exports were made, at the value that trains as before they existed: left out of
+# the fingerprint there, so that an upgrade does not train again a classifier it would train alike.
+NEUTRAL_KEYS = {"SPACE_TO_DEPTH": 1}
 
 
 def get_training_fingerprint(cfg, frame: pd.DataFrame) -> dict:
@@ -805,7 +842,7 @@ def get_training_fingerprint(cfg, frame: pd.DataFrame) -> dict:
     import hashlib
 
     settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.CLASSIFIER.items()
-                if k not in PREDICTION_ONLY_KEYS}
+                if k not in PREDICTION_ONLY_KEYS and (k not in NEUTRAL_KEYS or v != NEUTRAL_KEYS[k])}
     rows = frame[["file_name", "label", "is_valid"]].astype(str).agg(",".join, axis=1)
     digest = hashlib.sha256("\n".join(rows).encode()).hexdigest()
     return {"classifier": settings, "image_size": int(cfg.DATA.IMAGE_SIZE),

@@ -157,6 +157,14 @@ def add_airbus_config(cfg: CN) -> CN:
     # demo's data it learns where ships are much sooner (configs/demo.yaml uses 1.0; BENCHMARKS.md);
     # with ImageNet weights on Kaggle's data untested here.
     cfg.CLASSIFIER.CELL_LOSS_WEIGHT = 0.0
+    # Space to depth at the input (1: off): each N x N square of pixels enters the ResNet's first
+    # convolution as one pixel of 3 * N * N channels (module_classifier.SpaceToDepthStem). The
+    # network then costs about what it does at IMAGE_SIZE / N, but sees every pixel at IMAGE_SIZE.
+    # On the demo's data (256 px tiles, N 2), trained 12 minutes, it keeps the scene gate's few-pixel
+    # ships with a gate as cheap as the 128 px one; trained 3 minutes it lost more (BENCHMARKS.md,
+    # "Scene detection", seventeenth session). IMAGE_SIZE must be a multiple of N. Untested on
+    # Kaggle's 768 px tiles (N 3 at IMAGE_SIZE 768 would cost about what 256 px does).
+    cfg.CLASSIFIER.SPACE_TO_DEPTH = 1
 
     # ---------------------------------------------------------------- detector
     cfg.DETECTOR = CN()
@@ -413,6 +421,7 @@ VALID: dict[str, tuple[Callable, str]] = {
     "CLASSIFIER.TIME_BUDGET_MIN": _number(0),
     "CLASSIFIER.WIDTH": _number(0.125, 4),
     "CLASSIFIER.CELL_LOSS_WEIGHT": _number(0),
+    "CLASSIFIER.SPACE_TO_DEPTH": POSITIVE_INT,
     "DETECTOR.EMPTY_FRACTION": FRACTION,
     "DETECTOR.CROP_SIZE": COUNT,
     "DETECTOR.HFLIP_PROB": PROBABILITY,

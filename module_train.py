@@ -1216,8 +1216,13 @@ def classifier_body_to_detectron2(body_state: dict, cfg: CfgNode) -> dict[str, t
     [0, 1] and normalized with ImageNet's mean and std; detectron2 feeds ``INPUT.FORMAT`` (BGR)
     0-255 minus ``MODEL.PIXEL_MEAN``, divided by ``MODEL.PIXEL_STD``. With the default
     ``PIXEL_MEAN`` (ImageNet's mean x 255) the rewritten convolution computes exactly what the
-    classifier's did on the same image. ``ValueError`` names the first tensor whose shape differs
-    from the detector's (another ResNet depth or width).
+    classifier's did on the same image. A space-to-depth stem's convolution
+    (``CLASSIFIER.SPACE_TO_DEPTH``, ``module_classifier.SpaceToDepthStem``) is first folded back
+    into one RGB kernel, each channel's sub-pixel kernels summed: the kernel it applies to an image
+    whose blocks are flat, that is to the image at ``1 / block`` the side. The detector then starts
+    from it as it does from a classifier trained on smaller images (the demo's at 128 px); an
+    untrained stem folds back to the kernel it started from. ``ValueError`` names the first tensor whose shape differs from the
+    detector's (another ResNet depth or width).
     """
     from fastai.vision.all import imagenet_stats
 
@@ -1225,7 +1230,10 @@ def classifier_body_to_detectron2(body_state: dict, cfg: CfgNode) -> dict[str, t
     out = {}
     for key, value in body_state.items():
         head, _, rest = key.partition(".")
-        if head == "0":
+        if head == "0" and rest == "conv.weight":  # SpaceToDepthStem: channel c * block**2 + k is c's sub-pixel k
+            value = value.unflatten(1, (-1, value.shape[1] // 3)).sum(2)
+            name = "stem.conv1.weight"
+        elif head == "0":
             name = "stem.conv1." + rest
         elif head == "1":
             name = "stem.conv1.norm." + rest

@@ -597,6 +597,43 @@ def test_a_half_width_resnet_trains_exports_and_predicts(tiles, tiny_cfg):
     assert len(p_ship) == len(val_dicts) and p_ship.between(0, 1).all()
 
 
+def test_space_to_depth_stem_starts_as_the_stem_on_the_smaller_image():
+    """SpaceToDepthStem: block x block squares become channels; at the start it computes the
+    original convolution on the image average-pooled by the block, and it keeps every pixel: two
+    images with the same block means (a 1 px ship moved within its block) still differ after it."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 8, kernel_size=7, stride=2, padding=3, bias=False)
+    stem = mc.SpaceToDepthStem(conv, 2)
+    assert stem.conv.weight.shape == (8, 12, 7, 7) and stem.conv.stride == (2, 2)
+    image = torch.rand(2, 3, 32, 32)
+    torch.testing.assert_close(stem(image), conv(torch.nn.functional.avg_pool2d(image, 2)), atol=1e-5, rtol=1e-4)
+    a, b = torch.zeros(1, 3, 32, 32), torch.zeros(1, 3, 32, 32)
+    a[..., 10, 10], b[..., 11, 11] = 1.0, 1.0  # the same 2 x 2 block, another pixel of it
+    torch.nn.init.normal_(stem.conv.weight)  # a stem that has learnt (its sub-pixel kernels differ)
+    assert not torch.allclose(stem(a), stem(b))
+
+
+def test_a_space_to_depth_classifier_trains_exports_and_predicts_in_int8(tiles, tiny_cfg):
+    """CLASSIFIER.SPACE_TO_DEPTH 2: the body's first layer is a SpaceToDepthStem through training
+    (with the cell loss: its cells are then 32 px), export, float and int8 prediction; an image size
+    that is not a multiple of the block is refused before anything is read."""
+    _, train_dicts, val_dicts = tiles
+    cfg = tiny_cfg("CLASSIFIER.SPACE_TO_DEPTH", "2", "CLASSIFIER.CELL_LOSS_WEIGHT", "1.0", "CLASSIFIER.PRECISION", "int8",
+                   "CLASSIFIER.INT8_CALIBRATION_IMAGES", "12", *LR)
+    export = mc.train_classifier(cfg, train_dicts, val_dicts)["export"]
+    learner = mc.load_classifier(export)
+    assert isinstance(learner.model[0][0], mc.SpaceToDepthStem) and learner.model[0][0].block == 2
+    paths = [d["file_name"] for d in val_dicts]
+    fp32 = mc.predict_p_ship(learner, paths, precision="fp32")["p_ship"]
+    int8 = mc.predict_p_ship(learner, paths, precision="int8")["p_ship"]
+    assert fp32.between(0, 1).all() and int8.between(0, 1).all()
+    np.testing.assert_allclose(int8, fp32, atol=0.1)
+    assert mc.get_training_fingerprint(cfg, mc.get_label_frame(train_dicts, val_dicts))["classifier"]["SPACE_TO_DEPTH"] == 2
+    with pytest.raises(ValueError, match="CLASSIFIER.IMAGE_SIZE 63 is not a multiple of CLASSIFIER.SPACE_TO_DEPTH 2"):
+        mc.build_dataloaders(tiny_cfg("CLASSIFIER.SPACE_TO_DEPTH", "2", "CLASSIFIER.IMAGE_SIZE", "63"),
+                             mc.get_label_frame(train_dicts, val_dicts))
+
+
 def test_ship_mask_keeps_a_ship_of_a_few_pixels_at_the_classifiers_size():
     """ShipMask: the union of a tile's ships, each output pixel the maximum of the pixels it covers."""
     mask = np.zeros((256, 256), bool)

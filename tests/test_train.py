@@ -255,6 +255,15 @@ def test_a_half_width_classifier_body_fits_the_half_width_detector(tiny_cfg):
     got = assert_detector_resnet_computes_the_body(cfg, state, body)
     assert got.shape[1] == 256
 
+    # CLASSIFIER.SPACE_TO_DEPTH: the stem's 12-channel kernel folds back into an RGB one; an
+    # untrained stem (the RGB kernel spread over its 2 x 2 sub-pixels) folds back to that kernel
+    body[0] = module_classifier.SpaceToDepthStem(body[0], 2)
+    assert body[0].conv.weight.shape[1] == 12
+    folded = module_train.classifier_body_to_detectron2(body.state_dict(), cfg)
+    assert folded.keys() == state.keys()
+    for name in state:
+        torch.testing.assert_close(folded[name], state[name], atol=1e-6, rtol=1e-5)
+
 
 def test_backbone_from_the_classifier_errors(tiny_cfg, tiny_trained):
     with pytest.raises(ValueError, match="BACKBONE_FROM_CLASSIFIER is True and MODEL.WEIGHTS is 'w.pth'"):
