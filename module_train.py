@@ -1221,8 +1221,8 @@ def classifier_body_to_detectron2(body_state: dict, cfg: CfgNode) -> dict[str, t
     into one RGB kernel, each channel's sub-pixel kernels summed: the kernel it applies to an image
     whose blocks are flat, that is to the image at ``1 / block`` the side. The detector then starts
     from it as it does from a classifier trained on smaller images (the demo's at 128 px); an
-    untrained stem folds back to the kernel it started from. ``ValueError`` names the first tensor whose shape differs from the
-    detector's (another ResNet depth or width).
+    untrained stem folds back to the kernel it started from. ``ValueError`` names the first tensor
+    whose shape differs from the detector's (another ResNet depth or width).
     """
     from fastai.vision.all import imagenet_stats
 
