@@ -628,7 +628,10 @@ def test_a_space_to_depth_classifier_trains_exports_and_predicts_in_int8(tiles, 
     int8 = mc.predict_p_ship(learner, paths, precision="int8")["p_ship"]
     assert fp32.between(0, 1).all() and int8.between(0, 1).all()
     np.testing.assert_allclose(int8, fp32, atol=0.1)
-    assert mc.get_training_fingerprint(cfg, mc.get_label_frame(train_dicts, val_dicts))["classifier"]["SPACE_TO_DEPTH"] == 2
+    frame = mc.get_label_frame(train_dicts, val_dicts)
+    assert mc.get_training_fingerprint(cfg, frame)["classifier"]["SPACE_TO_DEPTH"] == 2
+    # at 1 (off) the key is left out, so exports made before it existed are reused, not trained again
+    assert "SPACE_TO_DEPTH" not in mc.get_training_fingerprint(tiny_cfg(*LR), frame)["classifier"]
     with pytest.raises(ValueError, match="CLASSIFIER.IMAGE_SIZE 63 is not a multiple of CLASSIFIER.SPACE_TO_DEPTH 2"):
         mc.build_dataloaders(tiny_cfg("CLASSIFIER.SPACE_TO_DEPTH", "2", "CLASSIFIER.IMAGE_SIZE", "63"),
                              mc.get_label_frame(train_dicts, val_dicts))
